@@ -1,0 +1,228 @@
+"""The main job: chat about an image with a TokenPacker checkpoint.
+
+    tokenpacker-demo                      # builds a tiny random checkpoint offline, reloads it as remote code
+    tokenpacker-demo --model PATH --image FILE --prompt "What is in the image?"
+
+With no arguments a tiny random TokenPacker checkpoint (CLIP-shaped tower with the real 24 x 24 patch grid, tiny
+LLaMA) is built and saved with its remote code; a fresh Python process that does not import this package loads it
+through `AutoModelForImageTextToText(..., trust_remote_code=True)`, runs the processor and `generate` on a
+synthesized image and prints the timings. Not shipped inside checkpoints.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
+
+TINY_CORPUS = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. USER: ASSISTANT: What is in the image? Describe the "
+    "image briefly. The image shows a red circle on a blue and green gradient, a cat, a dog, a tree, a house, "
+    "the sky, the sea, a person riding a bicycle, numbers 0 1 2 3 4 5 6 7 8 9, and punctuation , . ! ? : ; ' \" "
+)
+
+
+def build_tiny_tokenizer():
+    """A LLaMA-like fast tokenizer (BPE with byte fallback, `▁` word prefix, BOS added) trained in-process on a tiny
+    corpus, with `<image>` and `<pad>` added as special tokens; left padding for generation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="always"), decoders.ByteFallback()])
+    byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens, show_progress=False)
+    tokenizer.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+        padding_side="left",
+    )
+
+
+def build_tiny_model(tokenizer, projector_type="tokenpacker", scale_factor=2, text_config=None, seed=0):
+    """A random TokenPacker model: CLIP-shaped vision tower (336 px, patch 14, 24 layers of width 32), projector of
+    width 64, LLaMA with 2 layers of width 64 (or `text_config`). Seconds to build, a few MB."""
+    from modeling_tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration
+
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    vision_config = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 2,
+        "image_size": 336,
+        "patch_size": 14,
+        "projection_dim": 32,
+    }
+    default_text_config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+    }
+    text_config = dict(text_config or default_text_config)
+    text_config.update(
+        vocab_size=vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = TokenPackerConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        projector_type=projector_type,
+        scale_factor=scale_factor,
+        projector_hidden_size=64,
+        projector_num_heads=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = TokenPackerForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_tiny_processor(tokenizer, image_seq_length):
+    from modeling_tokenpacker import TokenPackerImageProcessor, TokenPackerProcessor, load_chat_template
+
+    return TokenPackerProcessor(
+        TokenPackerImageProcessor(), tokenizer, image_seq_length=image_seq_length, chat_template=load_chat_template()
+    )
+
+
+def synthesize_image(width=480, height=360):
+    """A deterministic test picture: a colour gradient with a filled circle."""
+    y, x = np.mgrid[0:height, 0:width]
+    red = np.where((x - width * 0.6) ** 2 + (y - height * 0.45) ** 2 < (min(width, height) * 0.2) ** 2, 230, 30)
+    green = (x * 255 // max(width - 1, 1)).astype(np.int64)
+    blue = (y * 255 // max(height - 1, 1)).astype(np.int64)
+    return Image.fromarray(np.stack([red, green, blue], -1).astype(np.uint8))
+
+
+class TimingStreamer(TextStreamer):
+    """Prints the answer as it is generated and records when each generated token arrived."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.start = time.perf_counter()
+        self.token_times = []
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            self.token_times.append(time.perf_counter())
+        super().put(value)
+
+
+def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None):
+    """Load a checkpoint (remote code allowed), answer `prompt` about the image, print timings; returns the text."""
+    load_kwargs = {"trust_remote_code": True}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit",
+            load_in_8bit=quantization == "8bit",
+            llm_int8_skip_modules=["vision_tower", "model.vision_tower", "multi_modal_projector", "model.multi_modal_projector", "lm_head"],
+        )
+    model = AutoModelForImageTextToText.from_pretrained(model_path, **load_kwargs).eval()
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    image = Image.open(image_path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=[text], return_tensors="pt").to(model.device)
+    config = model.config
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    print(f"model class:  {type(model).__module__}.{type(model).__name__}")
+    print(f"visual tokens per image: {grid * grid} patches -> {config.image_seq_length} packed "
+          f"({1 - config.image_seq_length / (grid * grid):.0%} fewer, {config.projector_type}, scale {config.scale_factor})")
+    print(f"prompt tokens: {inputs['input_ids'].shape[1]}")
+    streamer = TimingStreamer(processor.tokenizer)
+    print("answer: ", end="", flush=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+    times = streamer.token_times
+    prefill = times[0] - start if times else float("nan")
+    decode_rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    print(f"prefill (vision tower + projector + LM over the prompt): {prefill * 1000:.1f} ms")
+    print(f"decode: {len(times)} tokens, {decode_rate:.1f} tokens/s")
+    return answer
+
+
+def build_demo_checkpoint(output_dir):
+    """Build, save and return the path of the tiny random checkpoint (model, processor, remote code)."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    processor = build_tiny_processor(tokenizer, model.config.image_seq_length)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def run_tiny_demo(workdir, max_new_tokens):
+    checkpoint = os.path.join(workdir, "tiny_tokenpacker")
+    start = time.perf_counter()
+    build_demo_checkpoint(checkpoint)
+    print(f"checkpoint: {checkpoint} (built in {time.perf_counter() - start:.1f} s, random weights)")
+    image_path = os.path.join(workdir, "synthesized.png")
+    synthesize_image().save(image_path)
+    # A fresh interpreter that never imports this package: the checkpoint's own remote code must carry it.
+    command = [sys.executable, os.path.abspath(__file__), "--model", checkpoint, "--image", image_path,
+               "--prompt", "What is in the image?", "--max-new-tokens", str(max_new_tokens)]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(command, env=env, cwd=workdir).returncode
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint folder or Hub id; omit to run on a tiny random checkpoint")
+    parser.add_argument("--image", help="image file to ask about")
+    parser.add_argument("--prompt", default="What is in the image?", help="question about the image")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--output-dir", help="where the tiny checkpoint goes (default: a temporary folder)")
+    quant = parser.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", help="quantize the language model to 4 bits (bitsandbytes)")
+    quant.add_argument("--load-in-8bit", action="store_true", help="quantize the language model to 8 bits (bitsandbytes)")
+    args = parser.parse_args(argv)
+
+    if args.model:
+        if not args.image:
+            parser.error("--model needs --image FILE")
+        quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+        answer = chat(args.model, args.image, args.prompt, args.max_new_tokens, quantization)
+        print(f"generated text: {answer!r}")
+        return 0
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        return run_tiny_demo(args.output_dir, args.max_new_tokens)
+    with tempfile.TemporaryDirectory(prefix="tokenpacker_demo_") as workdir:
+        return run_tiny_demo(workdir, args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""TokenPacker: a vision tower, a region-to-point projector and a causal language model.
+
+Shipped inside checkpoints as remote code: imports only torch, transformers and sibling modules, and works from
+transformers 4.46 to 5.x (see design.md §5; version-dependent spots are marked "4.x/5.x").
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import ModelOutput
+
+from .configuration_tokenpacker import AUTO_MAP, TokenPackerConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenPackerModelOutputWithPast(ModelOutput):
+    """Output of `TokenPackerModel`.
+
+    Args:
+        last_hidden_state: `[batch, seq_len, hidden]` of the language model's last layer.
+        past_key_values: the language model's KV cache.
+        hidden_states: per-layer hidden states of the language model when asked for.
+        attentions: per-layer attention weights of the language model when asked for.
+        image_hidden_states: `[num_blocks, image_seq_length, hidden]`, the packed visual tokens that were scattered
+            into the image-token positions (None when no pixel values were given).
+    """
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[object] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+    image_hidden_states: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class TokenPackerCausalLMOutputWithPast(ModelOutput):
+    """Output of `TokenPackerForConditionalGeneration`.
+
+    Args:
+        loss: next-token cross-entropy (scalar) when `labels` are given; image positions never count.
+        logits: `[batch, seq_len, vocab]` (or the last `logits_to_keep` positions).
+        past_key_values, hidden_states, attentions, image_hidden_states: as in `TokenPackerModelOutputWithPast`.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[object] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+    image_hidden_states: Optional[torch.FloatTensor] = None
+
+
+class TokenPackerMLP(nn.Module):
+    """Two linear layers with an activation between: `[..., in_features]` -> `[..., out_features]`.
+
+    As a projector of its own (`projector_type="mlp2x_gelu"`) this is LLaVA-1.5's projector.
+    """
+
+    def __init__(self, in_features, out_features, hidden_act="gelu"):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features)
+        self.act = ACT2FN[hidden_act]
+        self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, hidden_states):
+        return self.linear_2(self.act(self.linear_1(hidden_states)))
+
+
+class TokenPackerRegionAttention(nn.Module):
+    """Multi-head attention of each point query over its own region, `torch.nn.MultiheadAttention` semantics
+    (projections with bias, no dropout), vectorised over batch and regions.
+    """
+
+    def __init__(self, embed_dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, query, key, value):
+        """query `[B, Q, E]`; key, value `[B, Q, R, E]` (R = region size) -> `[B, Q, E]`."""
+        batch, num_queries, region, embed_dim = key.shape
+        rows = batch * num_queries
+        q = self.q_proj(query).reshape(rows, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(key).reshape(rows, region, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(value).reshape(rows, region, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # [rows, heads, 1, head_dim]
+        return self.out_proj(out.transpose(1, 2).reshape(batch, num_queries, embed_dim))
+
+
+class TokenPackerProjector(nn.Module):
+    """Region-to-point injection (TokenPacker, arXiv 2407.02392).
+
+    The point queries are the patch features bilinearly down-sampled from a `g x g` grid to `g' x g'`
+    (`g' = g / scale_factor`); each query attends to the `s x s` multi-level features of its own region.
+
+    Widths: C (vision hidden), L (number of region feature layers), E (projector width), H (LLM hidden).
+    """
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__()
+        vision_width = config.vision_config.hidden_size
+        region_width = vision_width * len(config.region_feature_layers)
+        embed_dim = config.projector_hidden_size
+        eps = config.projector_layer_norm_eps
+        self.grid_size = config.grid_size
+        self.scale_factor = config.scale_factor
+        self.query_grid_size = config.grid_size // config.scale_factor
+
+        self.query_proj = nn.Linear(vision_width, embed_dim, bias=False)
+        self.query_norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.key_mlp = TokenPackerMLP(region_width, embed_dim, config.projector_hidden_act)
+        self.key_norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.value_mlp = TokenPackerMLP(region_width, embed_dim, config.projector_hidden_act)
+        self.value_norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.attention = TokenPackerRegionAttention(embed_dim, config.projector_num_heads)
+        self.output_mlp = TokenPackerMLP(embed_dim, config.text_config.hidden_size, config.projector_hidden_act)
+
+    def point_queries(self, image_features):
+        """`[B, g*g, C]` -> `[B, g'*g', C]`: bilinear down-sampling (align_corners=False) computed in float32 and
+        cast back, as the original does. For integer factors this is not an average pool (s=3 picks centres)."""
+        batch, _, channels = image_features.shape
+        grid = image_features.reshape(batch, self.grid_size, self.grid_size, channels).permute(0, 3, 1, 2)
+        size = (self.query_grid_size, self.query_grid_size)
+        queries = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False)
+        return queries.permute(0, 2, 3, 1).reshape(batch, -1, channels).to(image_features.dtype)
+
+    def group_regions(self, features):
+        """`[B, g*g, E]` (row-major grid) -> `[B, g'*g', s*s, E]`: query (i, j) gets rows i*s..i*s+s-1 and columns
+        j*s..j*s+s-1 of the grid, row-major within the region."""
+        batch, _, width = features.shape
+        s, n = self.scale_factor, self.query_grid_size
+        features = features.reshape(batch, n, s, n, s, width).permute(0, 1, 3, 2, 4, 5)
+        return features.reshape(batch, n * n, s * s, width)
+
+    def forward(self, image_features, region_features):
+        """image_features `[B, g*g, C]` (point-query layer), region_features `[B, g*g, L*C]` -> `[B, g'*g', H]`."""
+        query = self.query_norm(self.query_proj(self.point_queries(image_features)))
+        key = self.group_regions(self.key_norm(self.key_mlp(region_features)))
+        value = self.group_regions(self.value_norm(self.value_mlp(region_features)))
+        return self.output_mlp(self.attention(query, key, value))
+
+
+def build_projector(config: TokenPackerConfig):
+    """The projector named by `config.projector_type`."""
+    if config.projector_type == "mlp2x_gelu":
+        return TokenPackerMLP(
+            config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
+        )
+    return TokenPackerProjector(config)
+
+
+def _inner_vision_model(tower):
+    """4.x `CLIPVisionModel` wraps a `vision_model`; 5.x has none. Keeping the inner transformer gives the same
+    weight names (`model.vision_tower.encoder...`) in both, so checkpoints load across versions."""
+    return getattr(tower, "vision_model", tower)
+
+
+def _floating_dtype(module):
+    """dtype of the first floating-point parameter (a quantized module also holds integer weights)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.get_default_dtype()
+
+
+def _is_prefill_step(past_key_values, kwargs):
+    """Whether this generation step must see the pixel values: the first step, or every step without a cache.
+
+    5.x passes `is_first_iteration`; 4.x passes `cache_position` (0 at the first step); a cache that holds
+    nothing yet also means the first step.
+    """
+    if kwargs.get("use_cache") is False:
+        return True
+    if kwargs.get("is_first_iteration") is not None:
+        return bool(kwargs["is_first_iteration"])
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None:
+        return int(cache_position[0]) == 0
+    return past_key_values is None or past_key_values.get_seq_length() == 0
+
+
+class TokenPackerPreTrainedModel(PreTrainedModel):
+    config_class = TokenPackerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = "past_key_values"
+    _no_split_modules = ["TokenPackerProjector"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_cache_class = True
+    _supports_static_cache = True
+    _supports_quantized_cache = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights and config with the remote-code files and an `auto_map` naming every Auto class."""
+        if type(self)._auto_class is None:
+            type(self).register_for_auto_class("AutoModelForImageTextToText")
+        if type(self.config)._auto_class is None:
+            type(self.config).register_for_auto_class("AutoConfig")
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _collect_no_split_modules(self, towers):
+        """`_no_split_modules` of the sub-models (e.g. CLIPEncoderLayer, LlamaDecoderLayer) plus the projector, so
+        device_map keeps every transformer block and the projector whole (4.46 requires the list up front)."""
+        names = ["TokenPackerProjector"]
+        for tower in towers:
+            for name in getattr(tower, "_no_split_modules", None) or []:
+                if name not in names:
+                    names.append(name)
+        self._no_split_modules = names
+
+
+class TokenPackerModel(TokenPackerPreTrainedModel):
+    """Vision tower + projector + language model without LM head (LLaVA's composition)."""
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__(config)
+        vision_tower = AutoModel.from_config(config.vision_config)
+        language_model = AutoModel.from_config(config.text_config)
+        self._collect_no_split_modules([vision_tower, language_model])
+        self.vision_tower = _inner_vision_model(vision_tower)
+        self.multi_modal_projector = build_projector(config)
+        self.language_model = language_model
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values):
+        """`[num_blocks, 3, S, S]` pixel values -> `[num_blocks, image_seq_length, H]` packed visual tokens."""
+        config = self.config
+        pixel_values = pixel_values.to(device=self.vision_tower.embeddings.patch_embedding.weight.device)
+        outputs = self.vision_tower(pixel_values.to(_floating_dtype(self.vision_tower)), output_hidden_states=True)
+        hidden_states = outputs.hidden_states
+        start = 1 if config.vision_feature_select_strategy == "default" else 0
+        image_features = hidden_states[config.vision_feature_layer][:, start:]
+        if config.projector_type == "mlp2x_gelu":
+            return self.multi_modal_projector(image_features)
+        region_features = torch.cat([hidden_states[layer][:, start:] for layer in config.region_feature_layers], -1)
+        return self.multi_modal_projector(image_features, region_features)
+
+    def image_token_mask(self, input_ids, inputs_embeds):
+        """`[batch, seq_len]` bool mask of the image-token positions (from ids, or by matching the image token's
+        embedding when only `inputs_embeds` are given)."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def scatter_image_features(self, inputs_embeds, image_mask, image_features):
+        """Write `[num_blocks, T, H]` features, in order, into the `image_mask` positions of `[batch, seq, H]`."""
+        num_tokens = int(image_mask.sum())
+        num_features = image_features.shape[0] * image_features.shape[1]
+        if num_tokens != num_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: the input has {num_tokens} image tokens "
+                f"(id {self.config.image_token_id}) but the pixel values give {num_features} features "
+                f"({image_features.shape[0]} blocks x {image_features.shape[1]} tokens). Build inputs with "
+                "TokenPackerProcessor, which expands each <image> to the right number of tokens."
+            )
+        image_features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(mask, image_features)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        """input_ids `[batch, seq]` with `image_seq_length` image tokens per block; pixel_values
+        `[num_blocks, 3, S, S]` in the order the blocks appear in the batch."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            image_mask = self.image_token_mask(input_ids, inputs_embeds)
+            inputs_embeds = self.scatter_image_features(inputs_embeds, image_mask, image_features)
+
+        lm_kwargs = {
+            "use_cache": use_cache,
+            "output_attentions": output_attentions,
+            "output_hidden_states": output_hidden_states,
+        }
+        lm_kwargs = {key: value for key, value in lm_kwargs.items() if value is not None}
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **lm_kwargs,
+            **kwargs,
+        )
+        output = TokenPackerModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=getattr(outputs, "past_key_values", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+            image_hidden_states=image_features,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, GenerationMixin):
+    """TokenPacker with a language-modeling head; generates text about images."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__(config)
+        self.model = TokenPackerModel(config)
+        self._no_split_modules = self.model._no_split_modules
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self):
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model.language_model
+
+    def get_image_features(self, pixel_values):
+        """`[num_blocks, 3, S, S]` -> `[num_blocks, image_seq_length, H]` packed visual tokens."""
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        """As `TokenPackerModel.forward`; `labels` `[batch, seq]` (IGNORE_INDEX -100 where no loss) give a
+        next-token loss in which image-token positions never count."""
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            image_mask = self.model.image_token_mask(input_ids, inputs_embeds).to(labels.device)
+            loss = self.next_token_loss(logits, labels.masked_fill(image_mask, IGNORE_INDEX), num_items_in_batch)
+
+        output = TokenPackerCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    @staticmethod
+    def next_token_loss(logits, labels, num_items_in_batch=None):
+        """Mean cross-entropy of position t predicting label t+1 (float32), skipping IGNORE_INDEX; with
+        `num_items_in_batch` (Trainer's gradient accumulation) the sum divided by that count."""
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+        if num_items_in_batch is None:
+            return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss / num_items_in_batch
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, pixel_values=None, **kwargs):
+        """The language model's own preparation, plus the pixel values on the step that needs them."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+        if pixel_values is not None and _is_prefill_step(past_key_values, kwargs):
+            model_inputs["pixel_values"] = pixel_values
+        return model_inputs

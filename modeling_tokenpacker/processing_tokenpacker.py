@@ -1,0 +1,172 @@
+"""TokenPacker processor: image processor + tokenizer, with the original's prompt tokenization around images.
+
+Shipped inside checkpoints as remote code; works from transformers 4.46 to 5.x (design.md §5: keep `attributes`
+and the `*_class` names for 4.x, set `chat_template` after `super().__init__`, write `preprocessor_config.json`).
+"""
+
+import json
+import os
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+
+
+def _write_json(path, data):
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def _make_tokenizer_config_portable(path):
+    """5.x writes `tokenizer_class: TokenizersBackend` and a list of `extra_special_tokens`, which 4.x cannot read;
+    the 4.x names load in both."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        config.pop("extra_special_tokens")
+        config["additional_special_tokens"] = extra
+    _write_json(path, config)
+
+
+class TokenPackerProcessor(ProcessorMixin):
+    r"""Turns chat text with `<image>` placeholders plus images into TokenPacker model inputs.
+
+    Each `<image>` becomes `image_seq_length` image tokens (144, 64 or 36 per 336-px block). The text around the
+    images is tokenized chunk by chunk, as the original `tokenizer_image_token` does: every chunk is tokenized on its
+    own, only the first keeps its BOS. Batches are padded on the tokenizer's padding side (left for generation).
+
+    Args:
+        image_processor (`TokenPackerImageProcessor`): prepares `pixel_values`.
+        tokenizer (`PreTrainedTokenizerBase`): must know `image_token` as a (special) token.
+        image_seq_length (`int`, *optional*, defaults to 144): visual tokens per 336-px block.
+        chat_template (`str`, *optional*): Jinja chat template (the converter ships `vicuna_v1`).
+        image_token (`str`, *optional*, defaults to `"<image>"`): the placeholder written in prompts.
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    valid_kwargs = ["chat_template", "image_seq_length", "image_token"]
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length=144, chat_template=None, image_token="<image>", **kwargs):
+        self.image_seq_length = int(image_seq_length)
+        self.image_token = image_token
+        super().__init__(image_processor, tokenizer, **kwargs)
+        # Old 4.x releases refuse `chat_template` in ProcessorMixin.__init__; setting it afterwards works everywhere.
+        self.chat_template = chat_template
+        if self.image_seq_length < 1:
+            raise ValueError(f"image_seq_length must be a positive number of tokens; got {image_seq_length}.")
+
+    @property
+    def image_token_id(self):
+        """Id of `image_token` in the tokenizer; a ValueError when the tokenizer does not know the token."""
+        token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"The tokenizer has no {self.image_token!r} token; add it with "
+                f"tokenizer.add_special_tokens({{'additional_special_tokens': [{self.image_token!r}]}}) and resize "
+                "the model's embeddings."
+            )
+        return token_id
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    def __call__(self, images=None, text=None, return_tensors=None, padding=True, padding_side=None, **kwargs):
+        """images: one image or a list (PIL, numpy, torch); text: a prompt or a list of prompts, one `<image>` per
+        image in order. Returns `input_ids` and `attention_mask` `[batch, seq]` and `pixel_values`
+        `[num_images, 3, 336, 336]` (when images are given)."""
+        if text is None:
+            raise ValueError("TokenPackerProcessor needs `text` (a prompt with one <image> per image).")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(item, str) for item in texts):
+            raise TypeError(f"`text` must be a string or a list of strings; got {type(text).__name__}.")
+        image_features = {}
+        num_images = 0
+        if images is not None:
+            image_features = dict(self.image_processor(images, return_tensors=return_tensors, **kwargs.pop("images_kwargs", {})))
+            num_images = len(image_features["pixel_values"])
+        num_placeholders = sum(item.count(self.image_token) for item in texts)
+        if num_placeholders != num_images:
+            raise ValueError(
+                f"The text has {num_placeholders} {self.image_token} placeholders but {num_images} images were given; "
+                "write one placeholder per image."
+            )
+        for unused in ("add_special_tokens", "truncation", "return_token_type_ids", "text_kwargs"):
+            kwargs.pop(unused, None)
+        if kwargs:
+            raise TypeError(f"Unexpected arguments to TokenPackerProcessor: {sorted(kwargs)}.")
+
+        encoded = [{"input_ids": self.tokenize_with_images(item)} for item in texts]
+        text_features = self.pad(encoded, padding, padding_side, return_tensors)
+        return BatchFeature(data={**text_features, **image_features}, tensor_type=return_tensors)
+
+    def tokenize_with_images(self, prompt):
+        """One prompt -> token ids, each `image_token` expanded to `image_seq_length` image-token ids.
+
+        The chunks between placeholders are tokenized separately with special tokens; the BOS that the tokenizer
+        puts at the start of every chunk is kept for the first chunk only (the original's tokenizer_image_token).
+        """
+        chunks = [self.tokenizer(chunk, add_special_tokens=True)["input_ids"] for chunk in prompt.split(self.image_token)]
+        bos = self.tokenizer.bos_token_id
+        drop_bos = bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos
+        image_run = [self.image_token_id] * self.image_seq_length
+        input_ids = list(chunks[0])
+        for chunk in chunks[1:]:
+            input_ids.extend(image_run)
+            input_ids.extend(chunk[1:] if drop_bos and chunk[:1] == [bos] else chunk)
+        return input_ids
+
+    def pad(self, encoded, padding, padding_side, return_tensors):
+        side = padding_side or self.tokenizer.padding_side
+        if self.tokenizer.pad_token_id is None and len(encoded) > 1 and padding:
+            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token to pad a batch.")
+        if not padding or len(encoded) == 1:
+            features = {
+                "input_ids": [item["input_ids"] for item in encoded],
+                "attention_mask": [[1] * len(item["input_ids"]) for item in encoded],
+            }
+            if return_tensors is not None and len({len(ids) for ids in features["input_ids"]}) > 1:
+                raise ValueError("Prompts of different lengths need padding=True to become one tensor.")
+            return dict(BatchFeature(features, tensor_type=return_tensors))
+        previous_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = side
+        try:
+            padded = self.tokenizer.pad(encoded, padding=padding, return_tensors=return_tensors, return_attention_mask=True)
+        finally:
+            self.tokenizer.padding_side = previous_side
+        return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save as ProcessorMixin does, with the remote-code files, plus what 4.x needs to read a 5.x save:
+        `preprocessor_config.json` (5.x nests it in `processor_config.json`) and a portable tokenizer config."""
+        if type(self)._auto_class is None:
+            type(self).register_for_auto_class("AutoProcessor")
+        if type(self.image_processor)._auto_class is None:
+            type(self.image_processor).register_for_auto_class("AutoImageProcessor")
+        result = super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, PREPROCESSOR_CONFIG_NAME)
+        if not os.path.exists(path):
+            config = self.image_processor.to_dict()
+            config["auto_map"] = {
+                "AutoImageProcessor": f"image_processing_tokenpacker.{type(self.image_processor).__name__}",
+                "AutoProcessor": f"processing_tokenpacker.{type(self).__name__}",
+            }
+            _write_json(path, config)
+        _make_tokenizer_config_portable(os.path.join(save_directory, TOKENIZER_CONFIG_NAME))
+        return result
