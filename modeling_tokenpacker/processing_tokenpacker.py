@@ -12,6 +12,8 @@ from transformers.processing_utils import ProcessorMixin
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+LEGACY_CHAT_TEMPLATE_NAME = "chat_template.json"
 
 
 def _write_json(path, data):
@@ -153,20 +155,32 @@ class TokenPackerProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Save as ProcessorMixin does, with the remote-code files, plus what 4.x needs to read a 5.x save:
-        `preprocessor_config.json` (5.x nests it in `processor_config.json`) and a portable tokenizer config."""
+        """Save as ProcessorMixin does, with the remote-code files, then make the folder readable by 4.x too."""
         if type(self)._auto_class is None:
             type(self).register_for_auto_class("AutoProcessor")
         if type(self.image_processor)._auto_class is None:
             type(self.image_processor).register_for_auto_class("AutoImageProcessor")
         result = super().save_pretrained(save_directory, **kwargs)
-        path = os.path.join(save_directory, PREPROCESSOR_CONFIG_NAME)
-        if not os.path.exists(path):
-            config = self.image_processor.to_dict()
-            config["auto_map"] = {
-                "AutoImageProcessor": f"image_processing_tokenpacker.{type(self.image_processor).__name__}",
-                "AutoProcessor": f"processing_tokenpacker.{type(self).__name__}",
-            }
-            _write_json(path, config)
-        _make_tokenizer_config_portable(os.path.join(save_directory, TOKENIZER_CONFIG_NAME))
+        self._write_portable_files(save_directory)
         return result
+
+    def _write_portable_files(self, save_directory):
+        """5.x saves differ from what 4.x reads: 5.x nests the image processor in `processor_config.json` (4.x passes
+        that entry to `__init__` twice) and writes no `preprocessor_config.json`; 4.46 reads the chat template only
+        from `chat_template.json`; tokenizer names as in `_make_tokenizer_config_portable`. Both read the result."""
+        image_processor_config = self.image_processor.to_dict()
+        image_processor_config["auto_map"] = {
+            "AutoImageProcessor": f"image_processing_tokenpacker.{type(self.image_processor).__name__}",
+            "AutoProcessor": f"processing_tokenpacker.{type(self).__name__}",
+        }
+        _write_json(os.path.join(save_directory, PREPROCESSOR_CONFIG_NAME), image_processor_config)
+        processor_config_path = os.path.join(save_directory, PROCESSOR_CONFIG_NAME)
+        if os.path.exists(processor_config_path):
+            with open(processor_config_path, encoding="utf-8") as handle:
+                processor_config = json.load(handle)
+            processor_config.pop("image_processor", None)
+            processor_config.pop("tokenizer", None)
+            _write_json(processor_config_path, processor_config)
+        if self.chat_template is not None:
+            _write_json(os.path.join(save_directory, LEGACY_CHAT_TEMPLATE_NAME), {"chat_template": self.chat_template})
+        _make_tokenizer_config_portable(os.path.join(save_directory, TOKENIZER_CONFIG_NAME))

@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from modeling_tokenpacker.demo import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, synthesize_image  # noqa: E402
 
 
+def dtype_kwargs(dtype):
+    """`from_pretrained` takes `dtype` since transformers 4.56 and `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {name: dtype}
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tiny_tokenizer()

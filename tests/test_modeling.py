@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from modeling_tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerModel
+from conftest import dtype_kwargs
 from modeling_tokenpacker.demo import build_tiny_model, build_tiny_processor
 
 PROMPTS = [
@@ -185,7 +186,7 @@ def test_sdpa_and_eager_attention_agree(tmp_path, tiny_model, processor, images)
 
 def test_bfloat16_model_keeps_float32_interpolation_and_generates(tmp_path, tiny_model, processor, images):
     tiny_model.save_pretrained(tmp_path / "ckpt")
-    model = TokenPackerForConditionalGeneration.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    model = TokenPackerForConditionalGeneration.from_pretrained(tmp_path / "ckpt", **dtype_kwargs(torch.bfloat16))
     assert model.lm_head.weight.dtype == torch.bfloat16
     inputs = single_inputs(processor, images[0])
     with torch.no_grad():

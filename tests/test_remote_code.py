@@ -51,6 +51,8 @@ CHILD = textwrap.dedent(
         "tokens": new_tokens.tolist(),
         "text": processor.batch_decode(new_tokens, skip_special_tokens=True),
         "base_has_lm_head": hasattr(base, "lm_head"),
+        "chat_template": processor.chat_template,
+        "image_seq_length": processor.image_seq_length,
     }))
     """
 )
@@ -70,7 +72,7 @@ def test_saved_checkpoint_loads_every_auto_class_and_generates_without_the_packa
     tiny_model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
     for name in ("configuration_tokenpacker.py", "modeling_tokenpacker.py", "processing_tokenpacker.py",
-                 "image_processing_tokenpacker.py", "preprocessor_config.json", "chat_template.jinja"):
+                 "image_processing_tokenpacker.py", "preprocessor_config.json", "chat_template.json"):
         assert (checkpoint / name).is_file(), name
     auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
     assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"}
@@ -92,6 +94,8 @@ def test_saved_checkpoint_loads_every_auto_class_and_generates_without_the_packa
     assert child["module"].startswith("transformers_modules.")
     assert not child["imported_package"]
     assert not child["base_has_lm_head"]
+    assert child["chat_template"] == processor.chat_template
+    assert child["image_seq_length"] == processor.image_seq_length
 
     from PIL import Image
 
