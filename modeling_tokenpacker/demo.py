@@ -19,7 +19,11 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+import transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
+
+# `from_pretrained` takes `dtype` since transformers 4.56, `torch_dtype` before.
+DTYPE_KWARG = "dtype" if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
 
 TINY_CORPUS = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -54,20 +58,20 @@ def build_tiny_tokenizer():
 
 
 def build_tiny_model(tokenizer, projector_type="tokenpacker", scale_factor=2, text_config=None, seed=0):
-    """A random TokenPacker model: CLIP-shaped vision tower (336 px, patch 14, 24 layers of width 32), projector of
+    """A random TokenPacker model: CLIP-shaped vision tower (336 px, patch 14, 24 layers of width 64), projector of
     width 64, LLaMA with 2 layers of width 64 (or `text_config`). Seconds to build, a few MB."""
     from modeling_tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration
 
     vocab_size = -(-len(tokenizer) // 64) * 64
     vision_config = {
         "model_type": "clip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": 64,
+        "intermediate_size": 128,
         "num_hidden_layers": 24,
         "num_attention_heads": 2,
         "image_size": 336,
         "patch_size": 14,
-        "projection_dim": 32,
+        "projection_dim": 64,
     }
     default_text_config = {
         "model_type": "llama",
@@ -139,13 +143,17 @@ class TimingStreamer(TextStreamer):
 def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None):
     """Load a checkpoint (remote code allowed), answer `prompt` about the image, print timings; returns the text."""
     load_kwargs = {"trust_remote_code": True}
+    if torch.cuda.is_available():
+        load_kwargs.update(device_map="auto", **{DTYPE_KWARG: torch.bfloat16})
     if quantization is not None:
         from transformers import BitsAndBytesConfig
 
+        # The model's default skip list keeps the vision tower, the projector and lm_head unquantized.
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization == "4bit",
             load_in_8bit=quantization == "8bit",
-            llm_int8_skip_modules=["vision_tower", "model.vision_tower", "multi_modal_projector", "model.multi_modal_projector", "lm_head"],
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
         )
     model = AutoModelForImageTextToText.from_pretrained(model_path, **load_kwargs).eval()
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)

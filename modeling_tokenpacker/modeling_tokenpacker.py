@@ -4,6 +4,7 @@ Shipped inside checkpoints as remote code: imports only torch, transformers and 
 transformers 4.46 to 5.x (see design.md §5; version-dependent spots are marked "4.x/5.x").
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -17,6 +18,16 @@ from transformers.modeling_outputs import ModelOutput
 from .configuration_tokenpacker import AUTO_MAP, TokenPackerConfig
 
 IGNORE_INDEX = -100
+
+# Modules bitsandbytes leaves in the compute dtype unless the user's config names its own skip list. Both name
+# styles: 5.x matches a name from the root or as a suffix, 4.x by substring.
+MODULES_NOT_TO_QUANTIZE = [
+    "vision_tower",
+    "model.vision_tower",
+    "multi_modal_projector",
+    "model.multi_modal_projector",
+    "lm_head",
+]
 
 
 @dataclass
@@ -174,6 +185,23 @@ def _floating_dtype(module):
     return torch.get_default_dtype()
 
 
+def _with_default_quantization_skips(quantization_config):
+    """A copy of a bitsandbytes config (object or dict) whose unset `llm_int8_skip_modules` becomes
+    MODULES_NOT_TO_QUANTIZE, so only the language model's linear layers are quantized by default."""
+    if quantization_config is None:
+        return None
+    if isinstance(quantization_config, dict):
+        if quantization_config.get("quant_method", "bitsandbytes") != "bitsandbytes":
+            return quantization_config
+        if quantization_config.get("llm_int8_skip_modules") is None:
+            return {**quantization_config, "llm_int8_skip_modules": list(MODULES_NOT_TO_QUANTIZE)}
+        return quantization_config
+    if getattr(quantization_config, "llm_int8_skip_modules", False) is None:
+        quantization_config = copy.deepcopy(quantization_config)
+        quantization_config.llm_int8_skip_modules = list(MODULES_NOT_TO_QUANTIZE)
+    return quantization_config
+
+
 def _is_prefill_step(past_key_values, kwargs):
     """Whether this generation step must see the pixel values: the first step, or every step without a cache.
 
@@ -202,6 +230,15 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
     _supports_static_cache = True
     _supports_quantized_cache = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; a bitsandbytes `quantization_config` without a skip list keeps the
+        vision tower, the projector and `lm_head` unquantized (pass your own `llm_int8_skip_modules` to change it,
+        e.g. without the two vision_tower names to quantize the vision tower too)."""
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = _with_default_quantization_skips(kwargs["quantization_config"])
+        return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config with the remote-code files and an `auto_map` naming every Auto class."""

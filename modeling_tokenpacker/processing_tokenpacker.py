@@ -103,6 +103,9 @@ class TokenPackerProcessor(ProcessorMixin):
                 f"The text has {num_placeholders} {self.image_token} placeholders but {num_images} images were given; "
                 "write one placeholder per image."
             )
+        for modality in ("videos", "audio"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"TokenPacker takes images and text only; got {modality}.")
         for unused in ("add_special_tokens", "truncation", "return_token_type_ids", "text_kwargs"):
             kwargs.pop(unused, None)
         if kwargs:

@@ -58,9 +58,10 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(checkpoint, image_paths, cwd):
+def run_child(checkpoint, image_paths, cwd, python=sys.executable):
+    """Load `checkpoint` through every Auto class in a fresh `python -I` that cannot import the package."""
     result = subprocess.run(
-        [sys.executable, "-I", "-c", CHILD, str(checkpoint), ",".join(map(str, image_paths)), json.dumps(PROMPTS)],
+        [str(python), "-I", "-c", CHILD, str(checkpoint), ",".join(map(str, image_paths)), json.dumps(PROMPTS)],
         capture_output=True, text=True, cwd=cwd, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

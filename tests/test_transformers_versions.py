@@ -1,0 +1,112 @@
+"""The shipped remote code across the transformers versions setup.cfg allows: the oldest (4.46) and this one.
+
+A second virtual environment with transformers 4.46.3 (and this process's torch) is created once and reused
+(`TOKENPACKER_LEGACY_VENV` chooses where; pip's cache keeps the wheels). Checkpoints saved by either version load,
+through every Auto class and without the package, in the other, and generate the same tokens.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from modeling_tokenpacker.demo import synthesize_image
+from test_remote_code import PROMPTS, run_child
+
+LEGACY_TRANSFORMERS = "4.46.3"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VENV = Path.home() / ".cache" / "modeling_tokenpacker" / f"venv-transformers-{LEGACY_TRANSFORMERS}"
+SETUP_TIMEOUT_S = 900
+
+
+def venv_python(venv):
+    return venv / "bin" / "python"
+
+
+def legacy_is_ready(python):
+    if not python.exists():
+        return False
+    probe = subprocess.run([str(python), "-c", "import transformers, torch; print(transformers.__version__)"],
+                           capture_output=True, text=True, timeout=120)
+    return probe.returncode == 0 and probe.stdout.strip() == LEGACY_TRANSFORMERS
+
+
+@pytest.fixture(scope="session")
+def legacy_python():
+    venv = Path(os.environ.get("TOKENPACKER_LEGACY_VENV", DEFAULT_VENV))
+    python = venv_python(venv)
+    if not legacy_is_ready(python):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
+        torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+        install = [str(python), "-m", "pip", "install", "--quiet", torch_pin, f"transformers=={LEGACY_TRANSFORMERS}",
+                   "safetensors", "numpy", "pillow", "huggingface_hub<1.0", "accelerate"]
+        result = subprocess.run(install, capture_output=True, text=True, timeout=SETUP_TIMEOUT_S)
+        assert result.returncode == 0, f"could not build the transformers {LEGACY_TRANSFORMERS} venv:\n{result.stderr[-3000:]}"
+    assert legacy_is_ready(python)
+    return python
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("version_images")
+    paths = []
+    for i, size in enumerate([(480, 360), (300, 500)]):
+        paths.append(folder / f"image{i}.png")
+        synthesize_image(*size).save(paths[-1])
+    return paths
+
+
+def generate_here(checkpoint, image_paths):
+    """Tokens this transformers version generates from `checkpoint` (loaded as remote code)."""
+    model = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    processor = transformers.AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    inputs = processor(images=[Image.open(p) for p in image_paths], text=PROMPTS, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    return output[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_checkpoint_saved_here_loads_and_generates_identically_under_transformers_4_46(
+    tmp_path, legacy_python, tiny_model, processor, image_paths
+):
+    checkpoint = tmp_path / "saved_here"
+    tiny_model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    legacy = run_child(checkpoint, image_paths, cwd=tmp_path, python=legacy_python)
+    assert legacy["loaded"]["AutoModelForImageTextToText"] == "TokenPackerForConditionalGeneration"
+    assert legacy["loaded"]["AutoProcessor"] == "TokenPackerProcessor"
+    assert legacy["chat_template"] == processor.chat_template
+    assert legacy["tokens"] == generate_here(checkpoint, image_paths)
+
+
+BUILD_UNDER_LEGACY = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import transformers
+    from modeling_tokenpacker.demo import build_demo_checkpoint
+    build_demo_checkpoint(sys.argv[2])
+    print(json.dumps({"transformers": transformers.__version__}))
+    """
+)
+
+
+def test_checkpoint_saved_under_transformers_4_46_loads_and_generates_identically_here(
+    tmp_path, legacy_python, image_paths
+):
+    checkpoint = tmp_path / "saved_legacy"
+    built = subprocess.run([str(legacy_python), "-c", BUILD_UNDER_LEGACY, str(REPO_ROOT), str(checkpoint)],
+                           capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert json.loads(built.stdout.strip().splitlines()[-1])["transformers"] == LEGACY_TRANSFORMERS
+    legacy = run_child(checkpoint, image_paths, cwd=tmp_path, python=legacy_python)
+    here = run_child(checkpoint, image_paths, cwd=tmp_path)
+    assert here["loaded"] == legacy["loaded"]
+    assert here["tokens"] == legacy["tokens"]
