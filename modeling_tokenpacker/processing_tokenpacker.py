@@ -7,6 +7,7 @@ and the `*_class` names for 4.x, set `chat_template` after `super().__init__`, w
 import json
 import os
 
+import transformers
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -14,6 +15,12 @@ PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 LEGACY_CHAT_TEMPLATE_NAME = "chat_template.json"
+
+
+def _needs_sub_processor_class_names():
+    """4.x's ProcessorMixin finds the sub-processors through `image_processor_class`/`tokenizer_class`; 5.x reads
+    them from `__init__`'s signature and warns that those names are deprecated."""
+    return int(transformers.__version__.split(".")[0]) < 5
 
 
 def _write_json(path, data):
@@ -55,8 +62,9 @@ class TokenPackerProcessor(ProcessorMixin):
 
     attributes = ["image_processor", "tokenizer"]
     valid_kwargs = ["chat_template", "image_seq_length", "image_token"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    if _needs_sub_processor_class_names():
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, image_seq_length=144, chat_template=None, image_token="<image>", **kwargs):
         self.image_seq_length = int(image_seq_length)

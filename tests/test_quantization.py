@@ -18,9 +18,10 @@ QUANTIZED_CLASSES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model):
+def checkpoint(tmp_path_factory, tiny_model, processor):
     path = tmp_path_factory.mktemp("quant") / "ckpt"
     tiny_model.save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 
@@ -103,3 +104,23 @@ def test_quantized_checkpoint_round_trips_with_remote_code(tmp_path, checkpoint,
     with torch.no_grad():
         again = reloaded.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert again.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("flag, layer_class", [("--load-in-4bit", "Linear4bit"), ("--load-in-8bit", "Linear8bitLt")])
+def test_demo_chats_with_a_quantized_model(tmp_path, checkpoint, images, flag, layer_class, monkeypatch, capsys):
+    from modeling_tokenpacker import demo
+
+    image_path = tmp_path / "image.png"
+    images[0].save(image_path)
+    loaded = {}
+    original = transformers.AutoModelForImageTextToText.from_pretrained
+
+    def spy(*args, **kwargs):
+        loaded["model"] = original(*args, **kwargs)
+        return loaded["model"]
+
+    monkeypatch.setattr(demo.AutoModelForImageTextToText, "from_pretrained", spy)
+    assert demo.main(["--model", str(checkpoint), "--image", str(image_path), "--max-new-tokens", "3", flag]) == 0
+    assert "generated text:" in capsys.readouterr().out
+    kinds = {type(m).__name__ for n, m in loaded["model"].named_modules() if ".language_model." in n}
+    assert layer_class in kinds
