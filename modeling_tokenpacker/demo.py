@@ -34,16 +34,16 @@ TINY_CORPUS = (
 
 
 def build_tiny_tokenizer():
-    """A LLaMA-like fast tokenizer (BPE with byte fallback, `▁` word prefix, BOS added) trained in-process on a tiny
-    corpus, with `<image>` and `<pad>` added as special tokens; left padding for generation."""
+    """A LLaMA-like fast tokenizer (BPE, `▁` word prefix, BOS added) trained in-process on a tiny corpus, with
+    `<image>` and `<pad>` added as special tokens; left padding for generation. No byte fallback: every id decodes
+    to visible text, so a random model's answer is never empty."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tokenizer.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="always"), decoders.ByteFallback()])
-    byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens, show_progress=False)
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     tokenizer.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
@@ -62,7 +62,7 @@ def build_tiny_model(tokenizer, projector_type="tokenpacker", scale_factor=2, te
     width 64, LLaMA with 2 layers of width 64 (or `text_config`). Seconds to build, a few MB."""
     from modeling_tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration
 
-    vocab_size = -(-len(tokenizer) // 64) * 64
+    vocab_size = len(tokenizer)
     vision_config = {
         "model_type": "clip_vision_model",
         "hidden_size": 64,

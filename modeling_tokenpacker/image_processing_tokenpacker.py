@@ -47,17 +47,23 @@ def _array_to_pil(array):
 
 
 def to_rgb_image(image):
-    """Any PIL image (every mode, 16-bit ones scaled to 8 bits), numpy array or torch tensor -> RGB PIL image."""
+    """Any PIL image (every mode; 16-bit data scaled to 8 bits), numpy array or torch tensor -> RGB PIL image."""
     if _is_torch_tensor(image):
-        image = image.detach().cpu().numpy()
+        image = image.detach().cpu()
+        if image.is_floating_point():
+            image = image.float()  # numpy has no bfloat16
+        image = image.numpy()
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"Expected a PIL image, a numpy array or a torch tensor; got {type(image).__name__}.")
     if image.mode in HIGH_BIT_DEPTH_MODES:
-        # PIL's own conversion clips 16-bit values at 255; scale the full 16-bit range to 8 bits instead.
+        # PIL's own conversion clips values above 255. 16-bit modes are scaled from their full range to 8 bits; a
+        # 32-bit "I" image is taken as 16-bit data when a value exceeds 255, else as 8-bit values (e.g. "L" -> "I").
         values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8))
+        if image.mode != "I" or (values.size and values.max() > 255):
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
     elif image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0

@@ -229,7 +229,6 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True
     _supports_cache_class = True
     _supports_static_cache = True
-    _supports_quantized_cache = True
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -74,10 +74,15 @@ class TokenPackerProcessor(ProcessorMixin):
         self.chat_template = chat_template
         if self.image_seq_length < 1:
             raise ValueError(f"image_seq_length must be a positive number of tokens; got {image_seq_length}.")
+        if tokenizer is not None:
+            self._lookup_image_token_id()  # fail at construction, not at the first call, when the token is missing
 
     @property
     def image_token_id(self):
         """Id of `image_token` in the tokenizer; a ValueError when the tokenizer does not know the token."""
+        return self._lookup_image_token_id()
+
+    def _lookup_image_token_id(self):
         token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
             raise ValueError(

@@ -91,6 +91,15 @@ def test_generate_without_cache_gives_the_same_tokens(tiny_model, processor, ima
     assert cached.tolist() == uncached.tolist()
 
 
+def test_static_cache_generates_the_same_tokens(tiny_model, processor, images):
+    inputs = single_inputs(processor, images[1])
+    with torch.no_grad():
+        dynamic = tiny_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        static = tiny_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                     cache_implementation="static")
+    assert static.tolist() == dynamic.tolist()
+
+
 def test_left_padded_batch_generates_the_same_tokens_as_each_alone(tiny_model, processor, images):
     batch = processor(images=images, text=PROMPTS, return_tensors="pt")
     assert (batch["attention_mask"][:, 0] == 0).any(), "prompts of different lengths must be left-padded"
