@@ -281,7 +281,7 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
     def get_image_features(self, pixel_values):
         """`[num_blocks, 3, S, S]` pixel values -> `[num_blocks, image_seq_length, H]` packed visual tokens."""
         config = self.config
-        pixel_values = pixel_values.to(device=self.vision_tower.embeddings.patch_embedding.weight.device)
+        # Device placement is the caller's (or accelerate's hooks' under a device_map); the dtype is the tower's.
         outputs = self.vision_tower(pixel_values.to(_floating_dtype(self.vision_tower)), output_hidden_states=True)
         hidden_states = outputs.hidden_states
         start = 1 if config.vision_feature_select_strategy == "default" else 0
