@@ -1,7 +1,9 @@
 """Shared fixtures: tiny tokenizer, processor and models built in-process (seconds, no downloads)."""
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +49,37 @@ def images():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# A second virtual environment with the oldest supported transformers (and this process's torch), created once and
+# reused; `TOKENPACKER_LEGACY_VENV` chooses where, pip's cache keeps the wheels.
+LEGACY_TRANSFORMERS = "4.46.3"
+DEFAULT_VENV = Path.home() / ".cache" / "modeling_tokenpacker" / f"venv-transformers-{LEGACY_TRANSFORMERS}"
+SETUP_TIMEOUT_S = 900
+
+
+def venv_python(venv):
+    return venv / "bin" / "python"
+
+
+def legacy_is_ready(python):
+    if not python.exists():
+        return False
+    probe = subprocess.run([str(python), "-c", "import transformers, torch; print(transformers.__version__)"],
+                           capture_output=True, text=True, timeout=120)
+    return probe.returncode == 0 and probe.stdout.strip() == LEGACY_TRANSFORMERS
+
+
+@pytest.fixture(scope="session")
+def legacy_python():
+    venv = Path(os.environ.get("TOKENPACKER_LEGACY_VENV", DEFAULT_VENV))
+    python = venv_python(venv)
+    if not legacy_is_ready(python):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
+        torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+        install = [str(python), "-m", "pip", "install", "--quiet", torch_pin, f"transformers=={LEGACY_TRANSFORMERS}",
+                   "safetensors", "numpy", "pillow", "huggingface_hub<1.0", "accelerate"]
+        result = subprocess.run(install, capture_output=True, text=True, timeout=SETUP_TIMEOUT_S)
+        assert result.returncode == 0, f"could not build the transformers {LEGACY_TRANSFORMERS} venv:\n{result.stderr[-3000:]}"
+    assert legacy_is_ready(python)
+    return python

@@ -1,14 +1,11 @@
 """The shipped remote code across the transformers versions setup.cfg allows: the oldest (4.46) and this one.
 
-A second virtual environment with transformers 4.46.3 (and this process's torch) is created once and reused
-(`TOKENPACKER_LEGACY_VENV` chooses where; pip's cache keeps the wheels). Checkpoints saved by either version load,
+The `legacy_python` fixture (conftest.py) provides a second virtual environment with transformers 4.46.3. Checkpoints saved by either version load,
 through every Auto class and without the package, in the other, and generate the same tokens.
 """
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,39 +15,10 @@ import transformers
 from PIL import Image
 
 from modeling_tokenpacker.demo import synthesize_image
+from conftest import LEGACY_TRANSFORMERS
 from test_remote_code import PROMPTS, run_child
 
-LEGACY_TRANSFORMERS = "4.46.3"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_VENV = Path.home() / ".cache" / "modeling_tokenpacker" / f"venv-transformers-{LEGACY_TRANSFORMERS}"
-SETUP_TIMEOUT_S = 900
-
-
-def venv_python(venv):
-    return venv / "bin" / "python"
-
-
-def legacy_is_ready(python):
-    if not python.exists():
-        return False
-    probe = subprocess.run([str(python), "-c", "import transformers, torch; print(transformers.__version__)"],
-                           capture_output=True, text=True, timeout=120)
-    return probe.returncode == 0 and probe.stdout.strip() == LEGACY_TRANSFORMERS
-
-
-@pytest.fixture(scope="session")
-def legacy_python():
-    venv = Path(os.environ.get("TOKENPACKER_LEGACY_VENV", DEFAULT_VENV))
-    python = venv_python(venv)
-    if not legacy_is_ready(python):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
-        torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-        install = [str(python), "-m", "pip", "install", "--quiet", torch_pin, f"transformers=={LEGACY_TRANSFORMERS}",
-                   "safetensors", "numpy", "pillow", "huggingface_hub<1.0", "accelerate"]
-        result = subprocess.run(install, capture_output=True, text=True, timeout=SETUP_TIMEOUT_S)
-        assert result.returncode == 0, f"could not build the transformers {LEGACY_TRANSFORMERS} venv:\n{result.stderr[-3000:]}"
-    assert legacy_is_ready(python)
-    return python
 
 
 @pytest.fixture(scope="module")
