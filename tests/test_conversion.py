@@ -455,18 +455,34 @@ def test_unknown_key_in_the_last_shard_fails_before_writing(work, tmp_path):
 
 def test_failure_midway_leaves_no_partial_output(work, tmp_path, monkeypatch):
     calls = []
+    original_write = converter.write_tensor
 
-    def failing_write_shard(tensors, path):
-        calls.append(path)
-        if len(calls) == 3:
+    def failing_write_tensor(handle, name, tensor):
+        calls.append(name)
+        if len(calls) == 30:
             raise OSError("disk full (simulated)")
-        save_file(dict(tensors), path, metadata={"format": "pt"})
+        original_write(handle, name, tensor)
 
-    monkeypatch.setattr(converter, "write_shard", failing_write_shard)
+    monkeypatch.setattr(converter, "write_tensor", failing_write_tensor)
     with pytest.raises(OSError, match="simulated"):
         quiet_convert(tmp_path / "out", input=work["fp16"], vision_tower=work["clip"], max_shard_size="100KB")
-    assert len(calls) == 3
+    assert len(calls) == 30
     assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)
+
+
+def test_shards_are_streamed_tensor_by_tensor_with_valid_safetensors_headers(work, tmp_path):
+    result = quiet_convert(tmp_path / "out", input=work["fp16"], vision_tower=work["clip"], max_shard_size="200KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == result.shards > 1
+    total = 0
+    for shard in shards:
+        with safe_open(str(tmp_path / "out" / shard), framework="pt") as handle:
+            for name in handle.keys():
+                assert index["weight_map"][name] == shard
+                tensor = handle.get_tensor(name)
+                total += tensor.numel() * tensor.element_size()
+    assert total == index["metadata"]["total_size"] == result.bytes_written
 
 
 def test_existing_output_needs_overwrite(work, tmp_path):
@@ -496,15 +512,15 @@ def test_pickle_that_needs_code_is_refused_without_running_it(work, tmp_path):
 
 def test_verification_catches_a_corrupted_tensor(work, tmp_path, monkeypatch):
     target = "model.multi_modal_projector.query_norm.bias"
+    original_write = converter.write_tensor
 
-    def corrupting_write_shard(tensors, path):
-        tensors = dict(tensors)
-        if target in tensors:
-            tensors[target] = tensors[target].clone()
-            tensors[target][0] += 1
-        save_file(tensors, path, metadata={"format": "pt"})
+    def corrupting_write_tensor(handle, name, tensor):
+        if name == target:
+            tensor = tensor.clone()
+            tensor[0] += 1
+        original_write(handle, name, tensor)
 
-    monkeypatch.setattr(converter, "write_shard", corrupting_write_shard)
+    monkeypatch.setattr(converter, "write_tensor", corrupting_write_tensor)
     with pytest.raises(ConversionError, match=r"Verification failed: 1 tensors differ.*" + target.replace(".", r"\.")):
         quiet_convert(tmp_path / "out", input=work["safetensors"], vision_tower=work["clip"], verify=True)
     assert not os.path.exists(tmp_path / "out") and not _leftovers(tmp_path)
