@@ -1240,19 +1240,11 @@ class Converter:
         from modeling_tokenpacker import TokenPackerImageProcessor, TokenPackerProcessor, load_chat_template
 
         kwargs = image_processor_kwargs(self.clip_dir)
-        slice_mode = self.image_aspect_ratio == "slice"
-        # The image processor does not implement 'slice' (TokenPacker-HD) yet and refuses it at construction, so
-        # HD folders get the faithful settings written into preprocessor_config.json directly.
         image_processor = TokenPackerImageProcessor(
-            image_aspect_ratio="pad" if slice_mode else self.image_aspect_ratio, patch_num=self.patch_num, **kwargs)
+            image_aspect_ratio=self.image_aspect_ratio, patch_num=self.patch_num, **kwargs)
         processor = TokenPackerProcessor(image_processor, self.tokenizer, image_seq_length=self.config.image_seq_length,
                                          chat_template=load_chat_template("vicuna_v1"))
         processor.save_pretrained(folder)
-        if slice_mode:
-            path = os.path.join(folder, "preprocessor_config.json")
-            data = read_json(path)
-            data.update(image_aspect_ratio="slice", patch_num=self.patch_num)
-            write_json(path, data)
 
     def write_model_card(self, folder, result):
         import modeling_tokenpacker
@@ -1276,9 +1268,8 @@ class Converter:
         verified = ("not run (--no-verify)" if result.verified_tensors is None else
                     f"{result.verified_tensors} tensors equal bit for bit after loading with "
                     "`AutoModelForImageTextToText(trust_remote_code=True)` in a fresh process")
-        hd_note = ("\n> This is a TokenPacker-HD ('slice') checkpoint. Its image processor settings are written "
-                   "faithfully (`image_aspect_ratio: slice`, `patch_num`), but the bundled image processor does not "
-                   "implement HD slicing yet, so `AutoProcessor` refuses this folder until it does.\n"
+        hd_note = (f"\nTokenPacker-HD: the processor cuts each image into up to {self.patch_num} blocks of 336 px "
+                   "plus a global view, as the original evaluation does.\n"
                    if self.image_aspect_ratio == "slice" else "")
         body = f"""# {title} (transformers format)
 
@@ -1439,10 +1430,7 @@ def verify_in_this_process(output, plan_path):
     tokenizer = AutoTokenizer.from_pretrained(output, trust_remote_code=True)
     report["tokenizer_image_token_id"] = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     report["config_image_token_id"] = model.config.image_token_id
-    if plan.image_aspect_ratio == "slice":
-        report["processor"] = "skipped: the image processor does not implement 'slice' (HD) yet"
-    else:
-        report["processor"] = type(AutoProcessor.from_pretrained(output, trust_remote_code=True)).__name__
+    report["processor"] = type(AutoProcessor.from_pretrained(output, trust_remote_code=True)).__name__
     report["imported_package"] = any(name.split(".")[0] == "modeling_tokenpacker" for name in sys.modules)
     return report
 

@@ -18,6 +18,8 @@ AUTO_MAP = {
     "AutoModelForVision2Seq": "modeling_tokenpacker.TokenPackerForConditionalGeneration",
 }
 VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
+# Maximum block counts TokenPacker-HD ('slice' mode) has candidate grid tables for.
+SLICE_PATCH_NUMS = (9, 16, 25)
 
 # CLIP ViT-L/14 at 336 px, the vision tower of every released TokenPacker checkpoint.
 DEFAULT_VISION_CONFIG = {
@@ -106,7 +108,7 @@ class TokenPackerConfig(PretrainedConfig):
             Preprocessing mode the checkpoint was trained with: `"pad"`, `"slice"` (TokenPacker-HD) or another
             value for a plain resize and centre crop. Informational for the model; the image processor acts on it.
         patch_num (`int`, *optional*, defaults to 9):
-            Maximum number of blocks in `"slice"` mode (9, 16 or 25).
+            Maximum number of blocks in `"slice"` mode: 9, 16 or 25 (checked when `image_aspect_ratio="slice"`).
     """
 
     model_type = "tokenpacker"
@@ -170,6 +172,11 @@ class TokenPackerConfig(PretrainedConfig):
         return (self.grid_size // self.scale_factor) ** 2
 
     def _validate(self):
+        if self.image_aspect_ratio == "slice" and self.patch_num not in SLICE_PATCH_NUMS:
+            raise ValueError(
+                f"patch_num must be one of {SLICE_PATCH_NUMS} with image_aspect_ratio='slice' (TokenPacker-HD's "
+                f"block grid tables); got {self.patch_num}."
+            )
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}; got {self.projector_type!r}.")
         if self.vision_feature_select_strategy not in VISION_FEATURE_SELECT_STRATEGIES:

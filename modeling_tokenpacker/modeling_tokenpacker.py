@@ -218,6 +218,35 @@ def _is_prefill_step(past_key_values, kwargs):
     return past_key_values is None or past_key_values.get_seq_length() == 0
 
 
+def blocks_per_image(image_grids):
+    """Blocks of each image of TokenPacker-HD ('slice') pixel values: `rows*cols`, plus the global view when
+    `rows*cols > 1`. image_grids `[num_images, 2]` (rows, cols) -> int64 `[num_images]`."""
+    blocks = image_grids[:, 0] * image_grids[:, 1]
+    return blocks + (blocks > 1).to(blocks.dtype)
+
+
+def check_image_grids(image_grids, pixel_values):
+    """`image_grids` as an int64 `[num_images, 2]` tensor after checking it describes `pixel_values` (ValueError)."""
+    if pixel_values is None:
+        raise ValueError("image_grids describe the blocks of pixel_values; pass pixel_values with them.")
+    grids = torch.as_tensor(image_grids, device="cpu")
+    if grids.is_floating_point() or grids.is_complex() or grids.ndim != 2 or grids.shape[-1] != 2:
+        raise ValueError(
+            f"image_grids must be integers of shape [num_images, 2] (rows, cols per image); got dtype {grids.dtype}, "
+            f"shape {list(grids.shape)}."
+        )
+    grids = grids.to(torch.int64)
+    if bool((grids < 1).any()):
+        raise ValueError(f"image_grids need at least 1 row and 1 column per image; got {grids.tolist()}.")
+    expected = int(blocks_per_image(grids).sum())
+    if expected != pixel_values.shape[0]:
+        raise ValueError(
+            f"image_grids {grids.tolist()} describe {expected} blocks (rows*cols per image, +1 global view when "
+            f"rows*cols > 1) but pixel_values has {pixel_values.shape[0]}."
+        )
+    return grids
+
+
 class TokenPackerPreTrainedModel(PreTrainedModel):
     config_class = TokenPackerConfig
     base_model_prefix = "model"
@@ -328,12 +357,18 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        image_grids=None,
         **kwargs,
     ):
         """input_ids `[batch, seq]` with `image_seq_length` image tokens per block; pixel_values
-        `[num_blocks, 3, S, S]` in the order the blocks appear in the batch."""
+        `[num_blocks, 3, S, S]` in the order the blocks appear in the batch. image_grids (optional, from the image
+        processor's 'slice' mode): `[num_images, 2]` (rows, cols) per image, checked against pixel_values (each
+        image has rows*cols blocks plus a global view when rows*cols > 1); the processor lays the blocks out in
+        `input_ids`, so the model only checks the count and scatters the features in order."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if image_grids is not None:
+            check_image_grids(image_grids, pixel_values)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -425,14 +460,17 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         output_hidden_states=None,
         return_dict=None,
         logits_to_keep=0,
+        image_grids=None,
         **kwargs,
     ):
-        """As `TokenPackerModel.forward`; `labels` `[batch, seq]` (IGNORE_INDEX -100 where no loss) give a
-        next-token loss in which image-token positions never count."""
+        """As `TokenPackerModel.forward` (including the optional `image_grids` of 'slice' mode); `labels`
+        `[batch, seq]` (IGNORE_INDEX -100 where no loss) give a next-token loss in which image-token positions
+        never count."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
+            image_grids=image_grids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -476,9 +514,54 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
         return loss / num_items_in_batch
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, pixel_values=None, **kwargs):
-        """The language model's own preparation, plus the pixel values on the step that needs them."""
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, pixel_values=None, image_grids=None,
+                                      **kwargs):
+        """The language model's own preparation, plus the pixel values (and their image_grids) on the step that
+        needs them."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
         if pixel_values is not None and _is_prefill_step(past_key_values, kwargs):
             model_inputs["pixel_values"] = pixel_values
+            if image_grids is not None:
+                model_inputs["image_grids"] = image_grids
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """GenerationMixin repeats every tensor along dim 0 for `num_beams`/`num_return_sequences`; pixel values
+        hold blocks, not prompts, so they (and image_grids) are repeated per prompt instead: each prompt's blocks,
+        found from its image tokens in `input_ids`, `expand_size` times in a row (same signature in 4.46 ... 5.x)."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        image_grids = model_kwargs.pop("image_grids", None)
+        if expand_size > 1 and pixel_values is not None:
+            pixel_values, image_grids = self._repeat_blocks_per_prompt(input_ids, pixel_values, image_grids,
+                                                                       expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        if image_grids is not None:
+            model_kwargs["image_grids"] = image_grids
+        return input_ids, model_kwargs
+
+    def _repeat_blocks_per_prompt(self, input_ids, pixel_values, image_grids, expand_size):
+        """(pixel_values, image_grids) with each prompt's blocks and grids repeated `expand_size` times in a row.
+        Without input_ids, or when the image tokens do not match the blocks, every entry is repeated in place (one
+        image per prompt; a real mismatch is then reported by the forward's checks)."""
+        grids = None if image_grids is None else torch.as_tensor(image_grids)
+        blocks = [1] * pixel_values.shape[0] if grids is None else blocks_per_image(grids).tolist()
+        parts = []  # (first block, end block, first image, end image) per prompt
+        block = image = 0
+        tokens_per_prompt = [] if input_ids is None else (input_ids == self.config.image_token_id).sum(-1).tolist()
+        for tokens in tokens_per_prompt:
+            start_block, start_image = block, image
+            while tokens > 0 and image < len(blocks):
+                tokens -= blocks[image] * self.config.image_seq_length
+                block, image = block + blocks[image], image + 1
+            parts.append((start_block, block, start_image, image) if tokens == 0 else None)
+        if input_ids is None or None in parts or block != pixel_values.shape[0]:
+            repeat = lambda value: value.repeat_interleave(expand_size, dim=0)  # noqa: E731
+            return repeat(pixel_values), None if grids is None else repeat(grids)
+        pixel_values = torch.cat([pixel_values[a:b] for a, b, _, _ in parts for _ in range(expand_size)])
+        if grids is not None:
+            grids = torch.cat([grids[c:d] for _, _, c, d in parts for _ in range(expand_size)])
+        return pixel_values, grids

@@ -10,6 +10,9 @@ import os
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -51,6 +54,13 @@ class TokenPackerProcessor(ProcessorMixin):
     Each `<image>` becomes `image_seq_length` image tokens (144, 64 or 36 per 336-px block). The text around the
     images is tokenized chunk by chunk, as the original `tokenizer_image_token` does: every chunk is tokenized on its
     own, only the first keeps its BOS. Batches are padded on the tokenizer's padding side (left for generation).
+
+    With an image processor in 'slice' mode (TokenPacker-HD), which returns each image's `(rows, cols)` block grid in
+    `image_grids`, an `<image>` becomes the original's HD sequence instead: row after row, each block's run of image
+    tokens, a `,` token between the blocks of a row and a `\n` token after every row; then, when there is more than
+    one block, the global view's run and a `\n` token. The separator ids are the tokenizer's ids of the token
+    strings `","` and `"\n"` (`convert_tokens_to_ids`, not tokenization, as the original): a LLaMA SentencePiece
+    vocabulary has no `"\n"` piece, so the row separator is the `<unk>` id there.
 
     Args:
         image_processor (`TokenPackerImageProcessor`): prepares `pixel_values`.
@@ -94,12 +104,51 @@ class TokenPackerProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self):
-        return ["input_ids", "attention_mask", "pixel_values"]
+        return ["input_ids", "attention_mask", "pixel_values", "image_grids"]
+
+    @property
+    def slice_separator_ids(self):
+        """`(block separator, row separator)` ids of HD sequences: the tokenizer's ids of the token strings `","`
+        and `"\\n"` (unknown strings give the `<unk>` id, as in the original)."""
+        ids = []
+        for token in (",", "\n"):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if token_id is None:
+                raise ValueError(
+                    f"The tokenizer has neither a {token!r} token nor an unknown token, so it cannot give the HD "
+                    "('slice') separator ids; set tokenizer.unk_token."
+                )
+            ids.append(int(token_id))
+        return tuple(ids)
+
+    def image_placeholder_ids(self, grid=None):
+        """Ids that stand for one image: `image_seq_length` image tokens, or for a `(rows, cols)` HD grid the
+        blocks' runs with separators and, for more than one block, the global view's run (see the class docstring).
+        Their count is `L*(blocks + g) + rows*(cols-1) + rows + g` with `g = 1` when `rows*cols > 1`, else 0."""
+        run = [self.image_token_id] * self.image_seq_length
+        if grid is None:
+            return run
+        rows, cols = (int(value) for value in grid)
+        if rows < 1 or cols < 1:
+            raise ValueError(f"An image grid needs at least one row and one column; got {(rows, cols)}.")
+        comma, newline = self.slice_separator_ids
+        ids = []
+        for _ in range(rows):
+            for col in range(cols):
+                ids.extend(run)
+                if col < cols - 1:
+                    ids.append(comma)
+            ids.append(newline)
+        if rows * cols > 1:
+            ids.extend(run)
+            ids.append(newline)
+        return ids
 
     def __call__(self, images=None, text=None, return_tensors=None, padding=True, padding_side=None, **kwargs):
         """images: one image or a list (PIL, numpy, torch); text: a prompt or a list of prompts, one `<image>` per
         image in order. Returns `input_ids` and `attention_mask` `[batch, seq]` and `pixel_values`
-        `[num_images, 3, 336, 336]` (when images are given)."""
+        `[num_images, 3, 336, 336]` (when images are given); in 'slice' mode `pixel_values`
+        `[total_blocks, 3, 336, 336]` and `image_grids` `[num_images, 2]`."""
         if text is None:
             raise ValueError("TokenPackerProcessor needs `text` (a prompt with one <image> per image).")
         texts = [text] if isinstance(text, str) else list(text)
@@ -109,7 +158,8 @@ class TokenPackerProcessor(ProcessorMixin):
         num_images = 0
         if images is not None:
             image_features = dict(self.image_processor(images, return_tensors=return_tensors, **kwargs.pop("images_kwargs", {})))
-            num_images = len(image_features["pixel_values"])
+            grids = image_features.get("image_grids")
+            num_images = len(image_features["pixel_values"]) if grids is None else len(grids)
         num_placeholders = sum(item.count(self.image_token) for item in texts)
         if num_placeholders != num_images:
             raise ValueError(
@@ -122,14 +172,23 @@ class TokenPackerProcessor(ProcessorMixin):
         for unused in ("add_special_tokens", "truncation", "return_token_type_ids", "text_kwargs"):
             kwargs.pop(unused, None)
         if kwargs:
-            raise TypeError(f"Unexpected arguments to TokenPackerProcessor: {sorted(kwargs)}.")
+            # Pipelines hand generation arguments (e.g. do_sample) to the processor too, as to every processor.
+            logger.warning_once(f"TokenPackerProcessor ignores the arguments {sorted(kwargs)}.")
 
-        encoded = [{"input_ids": self.tokenize_with_images(item)} for item in texts]
+        grids = image_features.get("image_grids")
+        grids = [None] * num_images if grids is None else [tuple(int(v) for v in grid) for grid in grids]
+        encoded, used = [], 0
+        for item in texts:
+            count = item.count(self.image_token)
+            encoded.append({"input_ids": self.tokenize_with_images(item, grids[used : used + count])})
+            used += count
         text_features = self.pad(encoded, padding, padding_side, return_tensors)
         return BatchFeature(data={**text_features, **image_features}, tensor_type=return_tensors)
 
-    def tokenize_with_images(self, prompt):
-        """One prompt -> token ids, each `image_token` expanded to `image_seq_length` image-token ids.
+    def tokenize_with_images(self, prompt, image_grids=None):
+        """One prompt -> token ids, each `image_token` expanded to `image_seq_length` image-token ids, or, with
+        `image_grids` (one `(rows, cols)` per placeholder, None for a single block), to that image's HD sequence
+        (`image_placeholder_ids`).
 
         The chunks between placeholders are tokenized separately with special tokens; the BOS that the tokenizer
         puts at the start of every chunk is kept for the first chunk only (the original's tokenizer_image_token).
@@ -137,10 +196,13 @@ class TokenPackerProcessor(ProcessorMixin):
         chunks = [self.tokenizer(chunk, add_special_tokens=True)["input_ids"] for chunk in prompt.split(self.image_token)]
         bos = self.tokenizer.bos_token_id
         drop_bos = bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos
-        image_run = [self.image_token_id] * self.image_seq_length
+        image_grids = [None] * (len(chunks) - 1) if image_grids is None else list(image_grids)
+        if len(image_grids) != len(chunks) - 1:
+            raise ValueError(f"The prompt has {len(chunks) - 1} {self.image_token} placeholders but "
+                             f"{len(image_grids)} image grids were given.")
         input_ids = list(chunks[0])
-        for chunk in chunks[1:]:
-            input_ids.extend(image_run)
+        for chunk, grid in zip(chunks[1:], image_grids):
+            input_ids.extend(self.image_placeholder_ids(grid))
             input_ids.extend(chunk[1:] if drop_bos and chunk[:1] == [bos] else chunk)
         return input_ids
 

@@ -297,18 +297,19 @@ def test_unexpected_preprocess_argument_raises(image_processor):
 # Modes, batches, return types
 
 
-def test_slice_mode_raises_naming_supported_modes_at_construction():
+def test_slice_mode_with_an_unsupported_patch_num_raises_naming_the_supported_ones_at_construction():
+    """'slice' (TokenPacker-HD) is supported (tests/test_hd.py); only patch_num 9, 16 and 25 have grid tables."""
     with pytest.raises(ValueError) as error:
-        TokenPackerImageProcessor(image_aspect_ratio="slice")
+        TokenPackerImageProcessor(image_aspect_ratio="slice", patch_num=10)
     message = str(error.value)
-    assert "slice" in message and "'pad'" in message and "square" in message
+    assert "patch_num" in message and "(9, 16, 25)" in message and "10" in message
 
 
-def test_slice_mode_raises_naming_supported_modes_in_preprocess(image_processor):
+def test_slice_mode_with_an_unsupported_patch_num_raises_in_preprocess(image_processor):
     with pytest.raises(ValueError) as error:
-        image_processor.preprocess(synthesize_image(8, 8), image_aspect_ratio="slice")
+        image_processor.preprocess(synthesize_image(8, 8), image_aspect_ratio="slice", patch_num=4)
     message = str(error.value)
-    assert "slice" in message and "'pad'" in message and "square" in message
+    assert "patch_num" in message and "(9, 16, 25)" in message and "4" in message
 
 
 def test_list_of_images_gives_one_row_per_image_in_order(image_processor, images):

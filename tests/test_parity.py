@@ -222,7 +222,7 @@ def test_converted_weights_equal_the_builder_values(converted, originals):
 
 def test_hd_checkpoint_converts_faithfully(originals, tmp_path_factory):
     """hd9 ('slice', patch_num 9): config and processor files carry the HD settings; weights bit-exact in a fresh
-    process. Its numerical parity waits for the image processor's 'slice' mode (tests/fixtures/parity_hd.*)."""
+    process (numerical parity with the original: tests/test_hd_parity.py)."""
     output, result = _convert(originals, tmp_path_factory, "hd9", verify=True)
     assert result.verified_tensors == 439
     config = json.loads((output / "config.json").read_text())
@@ -231,12 +231,6 @@ def test_hd_checkpoint_converts_faithfully(originals, tmp_path_factory):
     assert (preprocessor["image_aspect_ratio"], preprocessor["patch_num"]) == ("slice", 9)
     hd = _load_json("parity_hd.json")
     assert hd["patch_num"] == config["patch_num"]
-
-
-@pytest.mark.skip(reason="HD ('slice') preprocessing is not implemented by TokenPackerImageProcessor yet; "
-                         "tests/fixtures/parity_hd.* hold the original's references for when it lands")
-def test_hd_parity():
-    pass
 
 
 def test_embedded_bf16_tower_moves_logits_so_the_clip_folder_is_preferred(originals, tmp_path_factory, pad_reference):
