@@ -153,6 +153,19 @@ def read_csv_rows(path):
         return [{key: convert(value) for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
+def portable_arguments(args):
+    """The command-line arguments without machine paths: paths inside the repository relative to it, others
+    reduced to their last component."""
+
+    def portable(value):
+        if not (isinstance(value, str) and os.path.isabs(value)):
+            return value
+        relative = os.path.relpath(value, REPO_ROOT)
+        return os.path.basename(value) if relative.startswith("..") else relative
+
+    return {key: portable(value) for key, value in vars(args).items()}
+
+
 def write_json(path, payload):
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=2, sort_keys=False)

@@ -467,7 +467,7 @@ def main(argv=None):
 
     csv_path, png_path, json_path = result_paths(args.output_dir, size)
     bench_utils.write_csv(csv_path, [{key: row[key] for key in CSV_COLUMNS} for row in rows])
-    bench_utils.write_json(json_path, {"benchmark": "end_to_end", "machine": info, "arguments": vars(args),
+    bench_utils.write_json(json_path, {"benchmark": "end_to_end", "machine": info, "arguments": bench_utils.portable_arguments(args),
                                        "dims": dims, "new_tokens": new_tokens, "repeats": repeats,
                                        "question": QUESTION, "build_seconds": build_s})
     print(f"wrote {csv_path} and {json_path}")

@@ -390,7 +390,7 @@ def main(argv=None):
 
     csv_path, png_path, json_path = bench_utils.output_paths(args.output_dir, "projector", args.quick)
     bench_utils.write_csv(csv_path, [{key: row[key] for key in CSV_COLUMNS} for row in rows])
-    bench_utils.write_json(json_path, {"benchmark": "projector", "machine": info, "arguments": vars(args),
+    bench_utils.write_json(json_path, {"benchmark": "projector", "machine": info, "arguments": bench_utils.portable_arguments(args),
                                        "widths": widths, "reference": reference_name})
     print(f"wrote {csv_path} and {json_path}")
     if plot(rows, png_path, plot_title(reference_name, args.dtype, args.clock, info)):
