@@ -40,6 +40,15 @@ def processor(tokenizer, tiny_model):
 
 
 @pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tiny_model, processor):
+    """The tiny model and processor saved once (remote code included); tests only read it."""
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    tiny_model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def images():
     """Three synthesized RGB images of different sizes and aspect ratios."""
     return [synthesize_image(480, 360), synthesize_image(300, 500), synthesize_image(336, 336)]

@@ -14,14 +14,6 @@ PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model, processor):
-    path = tmp_path_factory.mktemp("eco") / "ckpt"
-    tiny_model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def inputs(processor, images):
     return processor(images=[images[0]], text=[PROMPT], return_tensors="pt")
 

@@ -18,14 +18,6 @@ QUANTIZED_CLASSES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model, processor):
-    path = tmp_path_factory.mktemp("quant") / "ckpt"
-    tiny_model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def inputs(processor, images):
     return processor(images=[images[0]], text=["USER: <image>\nWhat is in the image? ASSISTANT:"], return_tensors="pt")
 
