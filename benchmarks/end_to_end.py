@@ -3,6 +3,7 @@
     python benchmarks/end_to_end.py                   # CPU-sized model (dims printed), a few minutes
     python benchmarks/end_to_end.py --threads 1 --clock cpu   # stable numbers on a machine shared with other jobs
     python benchmarks/end_to_end.py --quick           # toy dims, seconds (smoke test)
+    python benchmarks/end_to_end.py --batch-size 8    # 8 copies of the prompt in one generate call (serving)
     python benchmarks/end_to_end.py --size 7b --device cuda --dtype bfloat16   # CLIP-L/336 + Vicuna-7B dims, GPU
 
 Five models with one vision tower and one language model (the same seed-initialised weights in all of them):
@@ -16,7 +17,10 @@ timestamps the tokens. Time to first token (TTFT) = call to first generated toke
 model prefill over the whole prompt, first sampling step. Decode rate = (new tokens - 1) / (last - first token time).
 In the same rounds `get_image_features` (vision tower + projector) is timed on its own, which splits TTFT into image
 encoding and the rest (language-model prefill, first logits row, generate's bookkeeping). Speed-ups and decode ratios
-are taken within a round (runs back to back), then the median over rounds.
+are taken within a round (runs back to back), then the median over rounds. With `--batch-size B` every call carries
+B copies of the image and prompt: TTFT is then the time to the first token of all B sequences, the decode rate is per
+sequence (steps per second; B times that in all), KV-cache bytes stay per image, and the FLOP ratios are those of
+batch 1 (B cancels).
 
 Next to each measured prefill speed-up the analytic limits for the config, from FLOP counts:
 - `analytic_lm_prefill_ratio`: language-model prefill FLOPs with the 576-token prompt / with the packed prompt
@@ -74,7 +78,7 @@ VICUNA_7B = {"num_hidden_layers": 32, "num_key_value_heads": 32, "head_dim": 128
 QUESTION = "What is in the image? Describe the image briefly."
 
 CSV_COLUMNS = [
-    "variant", "model_class", "projector", "scale_factor", "image_tokens", "prompt_tokens", "device", "dtype",
+    "variant", "model_class", "projector", "batch_size", "scale_factor", "image_tokens", "prompt_tokens", "device", "dtype",
     "threads", "clock",
     "ttft_ms", "ttft_ms_p25", "ttft_ms_p75", "prefill_speedup_vs_mlp2x", "prefill_speedup_p25", "prefill_speedup_p75",
     "analytic_lm_prefill_ratio", "speedup_fraction_of_lm_ratio", "analytic_total_prefill_ratio",
@@ -209,16 +213,19 @@ def analytic(dims, config, prompt_tokens):
     if config.projector_type == "mlp2x_gelu":
         projector = 2 * grid * grid * (width * llm_width + llm_width * llm_width)
     else:
+        # As executed: plain nn.Linear attention projections take the absorbed path.
         projector = projector_flops(grid * grid, config.scale_factor, width, len(config.region_feature_layers),
-                                    config.projector_hidden_size, llm_width)["total"]
+                                    config.projector_hidden_size, config.projector_num_heads, llm_width,
+                                    absorbed=True)["total"]
     return {"vision": vision, "projector": projector, "lm": lm_prefill_flops(dims["text"], prompt_tokens)}
 
 
-def prepare_inputs(tokenizer, image_seq_length, device, dtype):
+def prepare_inputs(tokenizer, image_seq_length, device, dtype, batch_size=1):
+    """`batch_size` copies of one image and its chat prompt (equal lengths, no padding)."""
     processor = build_tiny_processor(tokenizer, image_seq_length)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[synthesize_image()], text=[text], return_tensors="pt")
+    inputs = processor(images=[synthesize_image()] * batch_size, text=[text] * batch_size, return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return {key: value.to(device) for key, value in inputs.items()}
 
@@ -291,26 +298,28 @@ def plot(rows, path, title):
     return True
 
 
-def plot_title(size, dtype, new_tokens, clock, info):
-    return (f"TokenPacker vs 576-token baseline, {size} dims, {dtype}, {new_tokens} new tokens, {clock} clock\n"
-            f"{bench_utils.describe_machine(info)}")
+def plot_title(size, dtype, new_tokens, clock, info, batch_size=1):
+    return (f"TokenPacker vs 576-token baseline, {size} dims, batch {batch_size}, {dtype}, {new_tokens} new tokens, "
+            f"{clock} clock\n{bench_utils.describe_machine(info)}")
 
 
-def result_paths(output_dir, size):
+def result_paths(output_dir, size, batch_size=1):
+    """end_to_end[_quick|_7b][_b<B>].{csv,png,json}"""
+    suffix = f"_b{batch_size}" if batch_size > 1 else ""
     if size in ("quick", "cpu"):
-        return bench_utils.output_paths(output_dir, "end_to_end", size == "quick")
-    stem = os.path.join(output_dir, f"end_to_end_{size}")
+        return bench_utils.output_paths(output_dir, "end_to_end" + suffix, size == "quick")
+    stem = os.path.join(output_dir, f"end_to_end_{size}{suffix}")
     os.makedirs(output_dir, exist_ok=True)
     return stem + ".csv", stem + ".png", stem + ".json"
 
 
-def replot(output_dir, size):
-    csv_path, png_path, json_path = result_paths(output_dir, size)
+def replot(output_dir, size, batch_size):
+    csv_path, png_path, json_path = result_paths(output_dir, size, batch_size)
     rows = bench_utils.read_csv_rows(csv_path)
     with open(json_path) as handle:
         meta = json.load(handle)
     arguments = meta["arguments"]
-    title = plot_title(size, arguments["dtype"], meta["new_tokens"], arguments["clock"], meta["machine"])
+    title = plot_title(size, arguments["dtype"], meta["new_tokens"], arguments["clock"], meta["machine"], batch_size)
     if plot(rows, png_path, title):
         print(f"wrote {png_path}")
     return 0
@@ -321,6 +330,7 @@ def main(argv=None):
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="model dims (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="same as --size quick")
     parser.add_argument("--scale-factors", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--batch-size", type=int, default=1, help="copies of the prompt per generate call (default 1)")
     parser.add_argument("--new-tokens", type=int, help="generated tokens per run (default 16, quick 3, 7b 32)")
     parser.add_argument("--repeats", type=int, help="timed rounds (default 7, quick 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -335,8 +345,10 @@ def main(argv=None):
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV and JSON already there")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else args.size
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.replot:
-        return replot(args.output_dir, size)
+        return replot(args.output_dir, size, args.batch_size)
     dims = SIZES[size]
     new_tokens = args.new_tokens or dims["new_tokens"]
     repeats = args.repeats or dims["repeats"]
@@ -355,7 +367,7 @@ def main(argv=None):
     models = build_models(dims, tokenizer, args.scale_factors, device, dtype, args.seed)
     build_s = time.perf_counter() - start
     baseline = models["mlp2x_gelu"]
-    inputs = {name: prepare_inputs(tokenizer, model.config.image_seq_length, device, dtype)
+    inputs = {name: prepare_inputs(tokenizer, model.config.image_seq_length, device, dtype, args.batch_size)
               for name, model in models.items() if name != "llava_native"}
     inputs["llava_native"] = inputs["mlp2x_gelu"]
     text, vision = dims["text"], dims["vision"]
@@ -368,7 +380,8 @@ def main(argv=None):
           f"grid, {tower_params / 1e6:.1f} M params; language model LLaMA {text['num_hidden_layers']} layers x "
           f"{text['hidden_size']} (MLP {text['intermediate_size']}, {text['num_attention_heads']} heads, "
           f"{text['num_key_value_heads']} kv heads, vocab {text['vocab_size']}), {lm_params / 1e6:.1f} M params with "
-          f"head; projector width {dims['projector_hidden_size']}; {args.dtype} on {device}; built in {build_s:.1f} s")
+          f"head; projector width {dims['projector_hidden_size']}; batch {args.batch_size}; {args.dtype} on {device}; "
+          f"built in {build_s:.1f} s")
     print(f"attention: ours {baseline.config.text_config._attn_implementation}, llava "
           f"{models['llava_native'].config.text_config._attn_implementation}; generate {new_tokens} tokens greedy, "
           f"{repeats} timed rounds (median), {args.clock} clock")
@@ -409,6 +422,7 @@ def main(argv=None):
         image_tokens = config.image_seq_length
         rows.append({
             "variant": name, "model_class": type(model).__name__, "projector": config.projector_type,
+            "batch_size": args.batch_size,
             "scale_factor": config.scale_factor if config.projector_type == "tokenpacker" else "",
             "image_tokens": image_tokens, "prompt_tokens": prompt_tokens, "device": str(device), "dtype": args.dtype,
             "threads": torch.get_num_threads(), "clock": args.clock,
@@ -465,13 +479,13 @@ def main(argv=None):
               f"decode {r['decode_ratio_vs_mlp2x']:.3f} x baseline "
               f"(within 5% or faster: {'met' if r['decode_ratio_vs_mlp2x'] >= 0.95 else 'MISSED'})")
 
-    csv_path, png_path, json_path = result_paths(args.output_dir, size)
+    csv_path, png_path, json_path = result_paths(args.output_dir, size, args.batch_size)
     bench_utils.write_csv(csv_path, [{key: row[key] for key in CSV_COLUMNS} for row in rows])
     bench_utils.write_json(json_path, {"benchmark": "end_to_end", "machine": info, "arguments": bench_utils.portable_arguments(args),
                                        "dims": dims, "new_tokens": new_tokens, "repeats": repeats,
                                        "question": QUESTION, "build_seconds": build_s})
     print(f"wrote {csv_path} and {json_path}")
-    if plot(rows, png_path, plot_title(size, args.dtype, new_tokens, args.clock, info)):
+    if plot(rows, png_path, plot_title(size, args.dtype, new_tokens, args.clock, info, args.batch_size)):
         print(f"wrote {png_path}")
     return 0
 

@@ -87,6 +87,12 @@ class TokenPackerMLP(nn.Module):
 class TokenPackerRegionAttention(nn.Module):
     """Multi-head attention of each point query over its own region, `torch.nn.MultiheadAttention` semantics
     (projections with bias, no dropout), vectorised over batch and regions.
+
+    Each region has a single query, which allows moving the key and value projections onto the query side
+    (`absorbed_attention`): the same result for a fraction of the work. That path reads `k_proj`/`v_proj` weights
+    directly, so it is taken only when both are plain `nn.Linear` layers; anything that replaces or wraps them (a
+    PEFT adapter, a quantized layer, a parametrization, a hook, accelerate offloading) gets `projected_attention`,
+    which calls the modules and `F.scaled_dot_product_attention`.
     """
 
     def __init__(self, embed_dim, num_heads):
@@ -100,13 +106,53 @@ class TokenPackerRegionAttention(nn.Module):
 
     def forward(self, query, key, value):
         """query `[B, Q, E]`; key, value `[B, Q, R, E]` (R = region size) -> `[B, Q, E]`."""
+        if self.projections_can_be_absorbed():
+            attended = self.absorbed_attention(query, key, value)
+        else:
+            attended = self.projected_attention(query, key, value)
+        return self.out_proj(attended)
+
+    def projections_can_be_absorbed(self):
+        """Whether `k_proj` and `v_proj` are plain, materialised `nn.Linear` layers with nothing hooked into them."""
+        return all(
+            type(proj) is nn.Linear
+            and not (proj._forward_hooks or proj._forward_pre_hooks or hasattr(proj, "_hf_hook"))
+            and proj.weight.device.type != "meta"
+            for proj in (self.k_proj, self.v_proj)
+        )
+
+    def projected_attention(self, query, key, value):
+        """Project every key and value, then attend: `[B, Q, E]`, `[B, Q, R, E]` x 2 -> `[B, Q, E]` (heads merged,
+        before `out_proj`)."""
         batch, num_queries, region, embed_dim = key.shape
         rows = batch * num_queries
         q = self.q_proj(query).reshape(rows, 1, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).reshape(rows, region, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).reshape(rows, region, self.num_heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # [rows, heads, 1, head_dim]
-        return self.out_proj(out.transpose(1, 2).reshape(batch, num_queries, embed_dim))
+        return out.transpose(1, 2).reshape(batch, num_queries, embed_dim)
+
+    def absorbed_attention(self, query, key, value):
+        """`projected_attention` with the key and value projections applied on the query side. Per head h:
+        `q_h . (W_kh k + b_kh) = (W_khᵀ q_h) . k + q_h . b_kh`, whose last term is the same for every key of the
+        region and cancels in the softmax; `sum_r p_r (W_vh v_r + b_vh) = W_vh (sum_r p_r v_r) + b_vh` because the
+        weights p sum to one. The projections then cost one E x E product per query instead of one per key
+        (R = s^2 keys per query). Shapes as in `projected_attention`."""
+        batch, num_queries, region, embed_dim = key.shape
+        q = self.q_proj(query).reshape(batch, num_queries, self.num_heads, self.head_dim) * self.head_dim**-0.5
+        w_k = self.k_proj.weight.reshape(self.num_heads, self.head_dim, embed_dim)
+        w_v = self.v_proj.weight.reshape(self.num_heads, self.head_dim, embed_dim)
+        q_in_key_space = torch.einsum("bqhd,hde->bqhe", q, w_k)
+        scores = torch.matmul(q_in_key_space, key.transpose(-1, -2))  # [B, Q, heads, R]
+        if self.k_proj.bias is not None:
+            # Cancels in the softmax; kept so that every parameter is in the graph (DDP expects it).
+            scores = scores + (q * self.k_proj.bias.reshape(self.num_heads, self.head_dim)).sum(-1, keepdim=True)
+        weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
+        pooled = torch.matmul(weights, value)  # [B, Q, heads, E]: each head's weighted mean of the raw values
+        out = torch.einsum("bqhe,hde->bqhd", pooled, w_v)
+        if self.v_proj.bias is not None:
+            out = out + self.v_proj.bias.reshape(self.num_heads, self.head_dim)
+        return out.reshape(batch, num_queries, embed_dim)
 
 
 class TokenPackerProjector(nn.Module):

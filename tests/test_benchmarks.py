@@ -68,13 +68,16 @@ def test_projector_benchmark_quick_matches_reference_and_writes_outputs(tmp_path
     rows = check_outputs(str(tmp_path / "projector_quick"), projector.CSV_COLUMNS, capsys.readouterr().out)
     assert [int(row["batch"]) for row in rows] == [1, 2]
     widths = projector.QUICK
-    expected_gflop = projector.projector_flops(576, 2, widths["vision_width"], widths["num_levels"],
-                                               widths["embed_dim"], widths["llm_widths"][0])["total"] / 1e9
+    dims = (576, 2, widths["vision_width"], widths["num_levels"], widths["embed_dim"], widths["num_heads"],
+            widths["llm_widths"][0])
+    reference_gflop = projector.projector_flops(*dims)["total"] / 1e9
+    ours_gflop = projector.projector_flops(*dims, absorbed=True)["total"] / 1e9
     for row in rows:
         assert row["reference"] == "mha-reference"
         assert int(row["tokens_out"]) == 144
         assert float(row["max_abs_diff"]) <= 1e-5 < float(row["max_abs_output"])
-        assert math.isclose(float(row["gflop_per_image"]), expected_gflop)
+        assert math.isclose(float(row["reference_gflop_per_image"]), reference_gflop)
+        assert math.isclose(float(row["ours_gflop_per_image"]), ours_gflop) and ours_gflop < reference_gflop
         for key in ("ours_ms", "reference_ms", "speed_ratio_reference_over_ours", "ours_gflops", "matmul_gflops"):
             assert math.isfinite(float(row[key])) and float(row[key]) > 0
     if have_matplotlib():  # the plot can be redrawn from the CSV and JSON alone
@@ -84,8 +87,10 @@ def test_projector_benchmark_quick_matches_reference_and_writes_outputs(tmp_path
 
 
 def test_projector_flop_count_for_clip_l_336():
-    """Written out for x [576, 1024], multi-level [576, 4096], width 1024, LLM 4096, scale 2 (144 queries)."""
-    flops = load_script("projector").projector_flops(576, 2, 1024, 4, 1024, 4096)
+    """Written out for x [576, 1024], multi-level [576, 4096], width 1024, 8 heads, LLM 4096, scale 2 (144 queries):
+    the original's algorithm, and ours with the key/value projections absorbed into the queries."""
+    flops = load_script("projector").projector_flops(576, 2, 1024, 4, 1024, 8, 4096)
+    absorbed = load_script("projector").projector_flops(576, 2, 1024, 4, 1024, 8, 4096, absorbed=True)
     key_value = 2 * (2 * 576 * 4096 * 1024 + 2 * 576 * 1024 * 1024)
     query = 2 * 144 * 1024 * 1024
     in_out_projections = 2 * 144 * 1024 * 1024 * 2 + 2 * 576 * 1024 * 1024 * 2
@@ -93,6 +98,10 @@ def test_projector_flop_count_for_clip_l_336():
     output_mlp = 2 * 144 * 1024 * 4096 + 2 * 144 * 4096 * 4096
     assert flops["total"] == key_value + query + in_out_projections + products + output_mlp
     assert round(flops["total"] / 1e9, 2) == 21.44
+    absorbed_projections = 2 * 144 * 1024 * 1024 * 4  # q and out as before; k and v once per query
+    absorbed_products = 8 * products  # every head scores and pools over the full width
+    assert absorbed["total"] == key_value + query + absorbed_projections + absorbed_products + output_mlp
+    assert round(absorbed["total"] / 1e9, 2) == 19.65
 
 
 def test_projector_reference_layout_equals_ours_for_every_scale():
@@ -156,6 +165,20 @@ def test_end_to_end_benchmark_quick_writes_all_variants(tmp_path, capsys):
         os.remove(tmp_path / "end_to_end_quick.png")
         assert end_to_end.main(["--quick", "--replot", "--output-dir", str(tmp_path)]) == 0
         assert (tmp_path / "end_to_end_quick.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_end_to_end_benchmark_batches_copies_of_the_prompt(tmp_path, capsys):
+    end_to_end = load_script("end_to_end")
+    args = ["--quick", "--batch-size", "2", "--scale-factors", "2", "--output-dir", str(tmp_path)]
+    assert end_to_end.main(args) == 0
+    rows = check_outputs(str(tmp_path / "end_to_end_b2_quick"), end_to_end.CSV_COLUMNS, capsys.readouterr().out)
+    assert [row["variant"] for row in rows] == ["mlp2x_gelu", "llava_native", "tokenpacker_s2"]
+    assert {row["batch_size"] for row in rows} == {"2"}
+    assert float(rows[1]["max_abs_logit_diff_vs_mlp2x"]) <= 1e-4
+    assert not (tmp_path / "end_to_end_quick.csv").exists()
+    inputs = end_to_end.prepare_inputs(end_to_end.build_tiny_tokenizer(), 144, "cpu", torch.float32, batch_size=3)
+    assert inputs["input_ids"].shape[0] == 3 and inputs["pixel_values"].shape[0] == 3
+    assert torch.equal(inputs["input_ids"][0], inputs["input_ids"][2])
 
 
 def test_language_model_prefill_flops_count_causal_attention_and_one_logits_row():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_tokenpacker import TokenPackerConfig, TokenPackerProjector
-from modeling_tokenpacker.modeling_tokenpacker import TokenPackerMLP, build_projector
+from modeling_tokenpacker.modeling_tokenpacker import TokenPackerMLP, TokenPackerRegionAttention, build_projector
 
 VISION_WIDTH, NUM_LEVELS, EMBED_DIM, NUM_HEADS, LLM_WIDTH = 16, 4, 32, 4, 24
 
@@ -179,6 +179,87 @@ def test_region_attention_equals_torch_multihead_attention_applied_like_the_orig
         theirs = mha(query.reshape(1, -1, EMBED_DIM), key.reshape(-1, 9, EMBED_DIM).transpose(0, 1),
                      value.reshape(-1, 9, EMBED_DIM).transpose(0, 1))[0]
     torch.testing.assert_close(ours, theirs.reshape(2, 64, EMBED_DIM), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("region", [4, 9, 16, 25])
+def test_absorbed_attention_equals_projected_attention_and_has_the_same_gradients(region):
+    """Moving the key/value projections onto the single query of each region is exact (float64 round-off), and
+    training through it gives every weight the same gradient (the key bias's is zero up to round-off in both, but it
+    must exist: DDP fails on parameters left out of the graph)."""
+    attention = randomize(TokenPackerRegionAttention(EMBED_DIM, NUM_HEADS)).double()
+    generator = torch.Generator().manual_seed(region)
+    query = torch.randn(2, 6, EMBED_DIM, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(2, 6, region, EMBED_DIM, generator=generator, dtype=torch.float64) for _ in range(2))
+    outputs, gradients = [], []
+    for path in (attention.absorbed_attention, attention.projected_attention):
+        attention.zero_grad()
+        out = attention.out_proj(path(query, key, value))
+        out.pow(2).sum().backward()
+        outputs.append(out.detach())
+        gradients.append({name: param.grad.clone() for name, param in attention.named_parameters()})
+    assert (outputs[0] - outputs[1]).abs().max().item() <= 1e-12
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        assert (gradients[0][name] - gradients[1][name]).abs().max().item() <= 1e-10, name
+
+
+class RecordingLinear(torch.nn.Linear):
+    """A subclass, as bitsandbytes' quantized layers are: its weight may not be a plain matrix, so it is only called."""
+
+    calls = 0
+
+    def forward(self, x):
+        RecordingLinear.calls += 1
+        return super().forward(x)
+
+
+def test_wrapped_or_hooked_key_value_projections_are_called_not_read():
+    """A hook, a nn.Linear subclass or a weight on the meta device sends attention through the modules themselves
+    (the path PEFT adapters, quantized layers and accelerate offloading need), with the same result."""
+    attention = randomize(TokenPackerRegionAttention(EMBED_DIM, NUM_HEADS)).eval()
+    query, key, value = torch.randn(1, 4, EMBED_DIM), torch.randn(1, 4, 9, EMBED_DIM), torch.randn(1, 4, 9, EMBED_DIM)
+    assert attention.projections_can_be_absorbed()
+    with torch.no_grad():
+        expected = attention(query, key, value)
+    seen = []
+    handle = attention.k_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert not attention.projections_can_be_absorbed()
+    with torch.no_grad():
+        torch.testing.assert_close(attention(query, key, value), expected, atol=1e-5, rtol=0)
+    assert seen == [(1, 4, 9, EMBED_DIM)]
+    handle.remove()
+    plain_v_proj = attention.v_proj
+    attention.v_proj = RecordingLinear(EMBED_DIM, EMBED_DIM)
+    attention.v_proj.load_state_dict(plain_v_proj.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(attention(query, key, value), expected, atol=1e-5, rtol=0)
+    assert RecordingLinear.calls == 1
+    with torch.device("meta"):
+        attention.v_proj = torch.nn.Linear(EMBED_DIM, EMBED_DIM)
+    assert not attention.projections_can_be_absorbed()
+
+
+def test_lora_on_the_projector_attention_is_applied_and_merges_into_the_fast_path():
+    """PEFT replaces k_proj/v_proj with adapter layers: the adapters must act (projected path), and after merging
+    them into plain nn.Linear layers the absorbed path gives the same output."""
+    peft = pytest.importorskip("peft")
+    config = make_config(scale_factor=3)
+    projector = randomize(TokenPackerProjector(config)).eval()
+    image_features, region_features = random_inputs(config, batch=1)
+    with torch.no_grad():
+        base = projector(image_features, region_features)
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["attention.k_proj", "attention.v_proj"],
+                                  init_lora_weights=False)
+    adapted = peft.get_peft_model(projector, lora_config).eval()
+    inner = adapted.base_model.model.attention
+    assert not inner.projections_can_be_absorbed()
+    with torch.no_grad():
+        with_lora = adapted(image_features, region_features)
+    assert (with_lora - base).abs().max().item() > 1e-3
+    merged = adapted.merge_and_unload()
+    assert merged.attention.projections_can_be_absorbed()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(image_features, region_features), with_lora, atol=1e-5, rtol=0)
 
 
 def test_projector_treats_each_image_of_a_batch_independently():
