@@ -53,7 +53,7 @@ from modeling_tokenpacker.demo import build_tiny_processor, build_tiny_tokenizer
 # Vision towers keep CLIP-L/336's shape where it matters (336 px, patch 14 -> 24 x 24 grid, 24 layers, multi-level
 # layers 12/16/22/23); widths shrink with the language model's so that the proportions stay those of the real model:
 # with this prompt the vision tower is 4.6 % of the 576-token prefill FLOPs for "cpu" and 4.5 % for "7b" (CLIP-L +
-# Vicuna-7B), and the whole-prefill limit is 89/79/73 % of the language-model-only limit at s=2/3/4 (90/81/74 %).
+# Vicuna-7B), and the whole-prefill limit is 89/80/73 % of the language-model-only limit at s=2/3/4 (90/81/74 %).
 SIZES = {
     "quick": {
         "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 24, "num_attention_heads": 2},
@@ -78,8 +78,8 @@ VICUNA_7B = {"num_hidden_layers": 32, "num_key_value_heads": 32, "head_dim": 128
 QUESTION = "What is in the image? Describe the image briefly."
 
 CSV_COLUMNS = [
-    "variant", "model_class", "projector", "batch_size", "scale_factor", "image_tokens", "prompt_tokens", "device", "dtype",
-    "threads", "clock",
+    "variant", "model_class", "projector", "batch_size", "scale_factor", "image_tokens", "prompt_tokens", "device",
+    "dtype", "threads", "clock",
     "ttft_ms", "ttft_ms_p25", "ttft_ms_p75", "prefill_speedup_vs_mlp2x", "prefill_speedup_p25", "prefill_speedup_p75",
     "analytic_lm_prefill_ratio", "speedup_fraction_of_lm_ratio", "analytic_total_prefill_ratio",
     "speedup_fraction_of_total_ratio", "encode_ms", "lm_part_ms", "lm_part_speedup_vs_mlp2x",

@@ -18,8 +18,8 @@ Every round runs ours, the reference and a plain `torch.matmul` of the projector
 the 25th/75th percentiles beside them. FLOP counts are analytic (the GEMMs and the attention products; LayerNorm,
 GELU, interpolation and bias additions are not counted), for each side as it computes: the reference projects every
 key and value; ours applies the key/value projections on the query side (one per query instead of one per key), so
-it does less work for the same result, and its achieved rate is its own FLOPs over its own time. Writes projector.csv, projector.png and projector.json
-(machine, settings) to benchmarks/results/ (or --output-dir).
+it does less work for the same result, and its achieved rate is its own FLOPs over its own time. Writes projector.csv,
+projector.png and projector.json (machine, settings) to benchmarks/results/ (or --output-dir).
 
 On a machine shared with other jobs, use `--threads 1 --clock cpu`: with more threads than free cores every parallel
 op waits for a descheduled thread (milliseconds per op), and elapsed time counts the time other jobs hold the core;
@@ -56,7 +56,8 @@ CSV_COLUMNS = [
     "reference", "scale_factor", "llm_width", "batch", "device", "dtype", "threads", "clock", "tokens_out",
     "ours_ms", "ours_ms_p25", "ours_ms_p75", "reference_ms", "reference_ms_p25", "reference_ms_p75",
     "speed_ratio_reference_over_ours", "speed_ratio_p25", "speed_ratio_p75", "max_abs_diff", "max_abs_output",
-    "reference_gflop_per_image", "ours_gflop_per_image", "ours_gflops", "matmul_shape", "matmul_ms", "matmul_gflops", "ours_fraction_of_matmul_rate",
+    "reference_gflop_per_image", "ours_gflop_per_image", "ours_gflops", "matmul_shape", "matmul_ms", "matmul_gflops",
+    "ours_fraction_of_matmul_rate",
 ]
 
 
@@ -383,7 +384,8 @@ def main(argv=None):
         ("ours_ms", "ours ms", ".1f"), ("reference_ms", f"{reference_name} ms", ".1f"),
         ("speed_ratio_reference_over_ours", "ref/ours", ".3f"), ("speed_ratio_p25", "p25", ".3f"),
         ("speed_ratio_p75", "p75", ".3f"), ("max_abs_diff", "max|diff|", ".1e"),
-        ("reference_gflop_per_image", "ref GFLOP/img", ".2f"), ("ours_gflop_per_image", "ours GFLOP/img", ".2f"), ("ours_gflops", "ours GFLOP/s", ".1f"),
+        ("reference_gflop_per_image", "ref GFLOP/img", ".2f"), ("ours_gflop_per_image", "ours GFLOP/img", ".2f"),
+        ("ours_gflops", "ours GFLOP/s", ".1f"),
         ("matmul_gflops", "matmul GFLOP/s", ".1f"), ("ours_fraction_of_matmul_rate", "ours/matmul", ".0%"),
     ])
     agree = all(r["max_abs_diff"] <= 1e-5 for r in rows)
