@@ -124,6 +124,20 @@ def spread(values):
     return quartiles[0], quartiles[2]
 
 
+def add_timing_arguments(parser):
+    """The options every timing script shares: rounds, threads, clock, device, dtype, seed, outputs, replot."""
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--threads", type=int,
+                        help="torch.set_num_threads for the whole run (default: torch's; quick: 1)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: process CPU time (with --threads 1; robust on a shared machine)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default=RESULTS_DIR)
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV and JSON already there")
+
+
 def output_paths(output_dir, name, quick):
     """CSV, PNG and sidecar-JSON paths; `--quick` runs get a `_quick` suffix so they never overwrite real results."""
     os.makedirs(output_dir, exist_ok=True)

@@ -333,16 +333,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=1, help="copies of the prompt per generate call (default 1)")
     parser.add_argument("--new-tokens", type=int, help="generated tokens per run (default 16, quick 3, 7b 32)")
     parser.add_argument("--repeats", type=int, help="timed rounds (default 7, quick 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--threads", type=int,
-                        help="torch.set_num_threads for the whole run (default: torch's; quick: 1)")
-    parser.add_argument("--clock", choices=sorted(bench_utils.CLOCKS), default="wall",
-                        help="wall: elapsed time; cpu: process CPU time (with --threads 1; robust on a shared machine)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(bench_utils.DTYPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=bench_utils.RESULTS_DIR)
-    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV and JSON already there")
+    bench_utils.add_timing_arguments(parser)
     args = parser.parse_args(argv)
     size = "quick" if args.quick else args.size
     if args.batch_size < 1:
