@@ -138,7 +138,7 @@ class TokenPackerRegionAttention(nn.Module):
         region and cancels in the softmax; `sum_r p_r (W_vh v_r + b_vh) = W_vh (sum_r p_r v_r) + b_vh` because the
         weights p sum to one. The projections then cost one E x E product per query instead of one per key
         (R = s^2 keys per query). Shapes as in `projected_attention`."""
-        batch, num_queries, region, embed_dim = key.shape
+        batch, num_queries, _, embed_dim = key.shape
         q = self.q_proj(query).reshape(batch, num_queries, self.num_heads, self.head_dim) * self.head_dim**-0.5
         w_k = self.k_proj.weight.reshape(self.num_heads, self.head_dim, embed_dim)
         w_v = self.v_proj.weight.reshape(self.num_heads, self.head_dim, embed_dim)

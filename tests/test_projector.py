@@ -229,6 +229,7 @@ def test_wrapped_or_hooked_key_value_projections_are_called_not_read():
     assert seen == [(1, 4, 9, EMBED_DIM)]
     handle.remove()
     plain_v_proj = attention.v_proj
+    RecordingLinear.calls = 0
     attention.v_proj = RecordingLinear(EMBED_DIM, EMBED_DIM)
     attention.v_proj.load_state_dict(plain_v_proj.state_dict())
     with torch.no_grad():
