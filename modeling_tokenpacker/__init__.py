@@ -6,12 +6,15 @@ Importing the package registers the classes with the Auto factories, so local us
 
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
 )
+
+# From its module rather than the top level: transformers 5.4 ... 5.17 gate the top-level name on torchvision, for
+# every model, although the class needs no torchvision (docs/private-surface.md).
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from .chat_templates import load_chat_template
 from .configuration_tokenpacker import TokenPackerConfig

@@ -5,15 +5,17 @@ transformers 4.46 to 5.x (see design.md §5; version-dependent spots are marked 
 """
 
 import copy
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import ModelOutput
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_tokenpacker import AUTO_MAP, TokenPackerConfig
 
@@ -31,41 +33,35 @@ MODULES_NOT_TO_QUANTIZE = [
 
 
 @dataclass
-class TokenPackerModelOutputWithPast(ModelOutput):
-    """Output of `TokenPackerModel`.
+class TokenPackerModelOutputWithPast(BaseModelOutputWithPast):
+    """Output of `TokenPackerModel`: the language model's fields, as the installed transformers declares them (the
+    KV cache is `past_key_values` up to 5.23 and `cache` from 5.24), plus
 
     Args:
-        last_hidden_state: `[batch, seq_len, hidden]` of the language model's last layer.
-        past_key_values: the language model's KV cache.
-        hidden_states: per-layer hidden states of the language model when asked for.
-        attentions: per-layer attention weights of the language model when asked for.
         image_hidden_states: `[num_blocks, image_seq_length, hidden]`, the packed visual tokens that were scattered
             into the image-token positions (None when no pixel values were given).
     """
 
-    last_hidden_state: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[object] = None
-    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
-    attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
     image_hidden_states: Optional[torch.FloatTensor] = None
 
 
 @dataclass
-class TokenPackerCausalLMOutputWithPast(ModelOutput):
-    """Output of `TokenPackerForConditionalGeneration`.
+class TokenPackerCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Output of `TokenPackerForConditionalGeneration`: transformers' causal-LM fields (`loss` ignores image
+    positions; `logits` `[batch, seq_len, vocab]` or the last `logits_to_keep` positions), plus
 
     Args:
-        loss: next-token cross-entropy (scalar) when `labels` are given; image positions never count.
-        logits: `[batch, seq_len, vocab]` (or the last `logits_to_keep` positions).
-        past_key_values, hidden_states, attentions, image_hidden_states: as in `TokenPackerModelOutputWithPast`.
+        image_hidden_states: as in `TokenPackerModelOutputWithPast`.
     """
 
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[object] = None
-    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
-    attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
     image_hidden_states: Optional[torch.FloatTensor] = None
+
+
+def _build_output(output_class, source, **values):
+    """`output_class` from the fields of `source` (another ModelOutput) that it declares, plus `values`. Copying by
+    the installed release's own field names keeps the cache field's name out of this code."""
+    names = {field.name for field in dataclasses.fields(output_class)}
+    return output_class(**{key: value for key, value in source.items() if key in names}, **values)
 
 
 class TokenPackerMLP(nn.Module):
@@ -218,8 +214,9 @@ def build_projector(config: TokenPackerConfig):
 
 
 def _inner_vision_model(tower):
-    """4.x `CLIPVisionModel` wraps a `vision_model`; 5.x has none. Keeping the inner transformer gives the same
-    weight names (`model.vision_tower.encoder...`) in both, so checkpoints load across versions."""
+    """`CLIPVisionModel` wraps a `vision_model` up to transformers 5.5 and has none from 5.6. Keeping the inner
+    transformer gives the same weight names (`model.vision_tower.encoder...`) in every release, so checkpoints load
+    across versions."""
     return getattr(tower, "vision_model", tower)
 
 
@@ -248,20 +245,18 @@ def _with_default_quantization_skips(quantization_config):
     return quantization_config
 
 
-def _is_prefill_step(past_key_values, kwargs):
-    """Whether this generation step must see the pixel values: the first step, or every step without a cache.
+def _is_prefill_step(generation_kwargs):
+    """Whether this generation step must see the pixel values: the first step of a new input, or every step
+    without a cache. `generation_kwargs` are those `generate` hands to `prepare_inputs_for_generation`.
 
-    5.x passes `is_first_iteration`; 4.x passes `cache_position` (0 at the first step); a cache that holds
-    nothing yet also means the first step.
+    5.x says `is_first_iteration=True` on the prefill step (5.24 passes nothing on decode steps); every release
+    passes the KV cache, under its own name (`past_key_values` up to 5.23, `cache` from 5.24), which is found by
+    type here: an empty cache, or none yet, also means the first step.
     """
-    if kwargs.get("use_cache") is False:
+    if generation_kwargs.get("use_cache") is False or generation_kwargs.get("is_first_iteration"):
         return True
-    if kwargs.get("is_first_iteration") is not None:
-        return bool(kwargs["is_first_iteration"])
-    cache_position = kwargs.get("cache_position")
-    if cache_position is not None:
-        return int(cache_position[0]) == 0
-    return past_key_values is None or past_key_values.get_seq_length() == 0
+    cache = next((value for value in generation_kwargs.values() if isinstance(value, Cache)), None)
+    return cache is None or cache.get_seq_length() == 0
 
 
 def blocks_per_image(image_grids):
@@ -297,7 +292,6 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
     config_class = TokenPackerConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = "past_key_values"
     _no_split_modules = ["TokenPackerProjector"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -314,6 +308,18 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
             kwargs["quantization_config"] = _with_default_quantization_skips(kwargs["quantization_config"])
         return super().from_pretrained(*args, **kwargs)
 
+    def _init_weights(self, module):
+        """Modules of the vision tower get the tower's own initialisation (we keep only its inner transformer, which
+        is no PreTrainedModel, so transformers would not dispatch to it): it restores the non-persistent
+        `position_ids` buffer, which 5.0 and 5.1 leave uninitialised after loading. Everything else as transformers'
+        default."""
+        base = self if isinstance(self, TokenPackerModel) else getattr(self, "model", None)
+        tower = getattr(base, "_vision_tower_model", None)
+        if tower is not None and any(module is part for part in base.vision_tower.modules()):
+            tower._init_weights(module)
+        else:
+            super()._init_weights(module)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config with the remote-code files and an `auto_map` naming every Auto class."""
         if type(self)._auto_class is None:
@@ -323,25 +329,40 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def _collect_no_split_modules(self, towers):
+    def _collect_device_map_rules(self, towers):
         """`_no_split_modules` of the sub-models (e.g. CLIPEncoderLayer, LlamaDecoderLayer) plus the projector, so
-        device_map keeps every transformer block and the projector whole (4.46 requires the list up front)."""
+        device_map keeps every transformer block and the projector whole, and their `_skip_keys_device_placement`
+        (the cache argument, whatever the release calls it), which accelerate's hooks must not move. 4.46 needs both
+        up front; 5.x also collects them from the children in `post_init`."""
         names = ["TokenPackerProjector"]
+        skip_keys = []
         for tower in towers:
             for name in getattr(tower, "_no_split_modules", None) or []:
                 if name not in names:
                     names.append(name)
+            keys = getattr(tower, "_skip_keys_device_placement", None) or []
+            for key in [keys] if isinstance(keys, str) else keys:
+                if key not in skip_keys:
+                    skip_keys.append(key)
         self._no_split_modules = names
+        self._skip_keys_device_placement = skip_keys
 
 
 class TokenPackerModel(TokenPackerPreTrainedModel):
     """Vision tower + projector + language model without LM head (LLaVA's composition)."""
 
+    # `AutoModel` on a checkpoint of the model with the head: the head's weight is expected to be left out.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
     def __init__(self, config: TokenPackerConfig):
         super().__init__(config)
         vision_tower = AutoModel.from_config(config.vision_config)
         language_model = AutoModel.from_config(config.text_config)
-        self._collect_no_split_modules([vision_tower, language_model])
+        self._collect_device_map_rules([vision_tower, language_model])
+        # The full tower model is kept, unregistered, to be called (its forward records the hidden states in every
+        # release; 5.0/5.1's inner transformer alone returns none) and to initialise its modules; its weights are
+        # registered once, through the inner transformer.
+        object.__setattr__(self, "_vision_tower_model", vision_tower)
         self.vision_tower = _inner_vision_model(vision_tower)
         self.multi_modal_projector = build_projector(config)
         self.language_model = language_model
@@ -357,7 +378,7 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         """`[num_blocks, 3, S, S]` pixel values -> `[num_blocks, image_seq_length, H]` packed visual tokens."""
         config = self.config
         # Device placement is the caller's (or accelerate's hooks' under a device_map); the dtype is the tower's.
-        outputs = self.vision_tower(pixel_values.to(_floating_dtype(self.vision_tower)), output_hidden_states=True)
+        outputs = self._vision_tower_model(pixel_values.to(_floating_dtype(self.vision_tower)), output_hidden_states=True)
         hidden_states = outputs.hidden_states
         start = 1 if config.vision_feature_select_strategy == "default" else 0
         image_features = hidden_states[config.vision_feature_layer][:, start:]
@@ -397,11 +418,7 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         inputs_embeds=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
         return_dict=None,
         image_grids=None,
         **kwargs,
@@ -410,7 +427,10 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         `[num_blocks, 3, S, S]` in the order the blocks appear in the batch. image_grids (optional, from the image
         processor's 'slice' mode): `[num_images, 2]` (rows, cols) per image, checked against pixel_values (each
         image has rows*cols blocks plus a global view when rows*cols > 1); the processor lays the blocks out in
-        `input_ids`, so the model only checks the count and scatters the features in order."""
+        `input_ids`, so the model only checks the count and scatters the features in order.
+
+        Everything else (the KV cache, `use_cache`, `output_attentions`, `output_hidden_states`, attention-backend
+        arguments) goes to the language model unchanged, under the names the installed release gives them."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if image_grids is not None:
@@ -424,28 +444,14 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
             image_mask = self.image_token_mask(input_ids, inputs_embeds)
             inputs_embeds = self.scatter_image_features(inputs_embeds, image_mask, image_features)
 
-        lm_kwargs = {
-            "use_cache": use_cache,
-            "output_attentions": output_attentions,
-            "output_hidden_states": output_hidden_states,
-        }
-        lm_kwargs = {key: value for key, value in lm_kwargs.items() if value is not None}
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             return_dict=True,
-            **lm_kwargs,
             **kwargs,
         )
-        output = TokenPackerModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=getattr(outputs, "past_key_values", None),
-            hidden_states=getattr(outputs, "hidden_states", None),
-            attentions=getattr(outputs, "attentions", None),
-            image_hidden_states=image_features,
-        )
+        output = _build_output(TokenPackerModelOutputWithPast, outputs, image_hidden_states=image_features)
         return output if return_dict is not False else output.to_tuple()
 
 
@@ -458,6 +464,7 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         super().__init__(config)
         self.model = TokenPackerModel(config)
         self._no_split_modules = self.model._no_split_modules
+        self._skip_keys_device_placement = list(self.model._skip_keys_device_placement)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
@@ -498,20 +505,16 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         inputs_embeds=None,
         labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
         return_dict=None,
         logits_to_keep=0,
         image_grids=None,
         **kwargs,
     ):
-        """As `TokenPackerModel.forward` (including the optional `image_grids` of 'slice' mode); `labels`
-        `[batch, seq]` (IGNORE_INDEX -100 where no loss) give a next-token loss in which image-token positions
-        never count."""
+        """As `TokenPackerModel.forward` (including the optional `image_grids` of 'slice' mode, and the cache and
+        other language-model arguments passed through `kwargs`); `labels` `[batch, seq]` (IGNORE_INDEX -100 where
+        no loss) give a next-token loss in which image-token positions never count."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
@@ -519,11 +522,7 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             image_grids=image_grids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
         )
@@ -539,14 +538,7 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             image_mask = self.model.image_token_mask(input_ids, inputs_embeds).to(labels.device)
             loss = self.next_token_loss(logits, labels.masked_fill(image_mask, IGNORE_INDEX), num_items_in_batch)
 
-        output = TokenPackerCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-        )
+        output = _build_output(TokenPackerCausalLMOutputWithPast, outputs, loss=loss, logits=logits)
         return output if return_dict is not False else output.to_tuple()
 
     @staticmethod
@@ -560,12 +552,11 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
         return loss / num_items_in_batch
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, pixel_values=None, image_grids=None,
-                                      **kwargs):
-        """The language model's own preparation, plus the pixel values (and their image_grids) on the step that
-        needs them."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
-        if pixel_values is not None and _is_prefill_step(past_key_values, kwargs):
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_grids=None, **kwargs):
+        """The language model's own preparation (the cache and every other argument passed through unchanged), plus
+        the pixel values (and their image_grids) on the step that needs them."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        if pixel_values is not None and _is_prefill_step(kwargs):
             model_inputs["pixel_values"] = pixel_values
             if image_grids is not None:
                 model_inputs["image_grids"] = image_grids

@@ -1,9 +1,8 @@
 """Shared fixtures: tiny tokenizer, processor and models built in-process (seconds, no downloads)."""
 
+import contextlib
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +20,21 @@ def dtype_kwargs(dtype):
 
     name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {name: dtype}
+
+
+@contextlib.contextmanager
+def record_forward_inputs(model):
+    """Collects, per call of `model`, the keyword arguments that were not None (what `generate` hands forward)."""
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append({key: value for key, value in kwargs.items() if value is not None})
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 @pytest.fixture(scope="session")
@@ -60,35 +74,15 @@ def _deterministic():
     yield
 
 
-# A second virtual environment with the oldest supported transformers (and this process's torch), created once and
-# reused; `TOKENPACKER_LEGACY_VENV` chooses where, pip's cache keeps the wheels.
-LEGACY_TRANSFORMERS = "4.46.3"
-DEFAULT_VENV = Path.home() / ".cache" / "modeling_tokenpacker" / f"venv-transformers-{LEGACY_TRANSFORMERS}"
-SETUP_TIMEOUT_S = 900
+# Virtual environments with older releases of the supported range beside this process's torch (compat/venvs.py),
+# built once and reused (`TOKENPACKER_VENV_ROOT` chooses where; pip's cache keeps the wheels): the oldest supported
+# release and the last 4.x, for the remote-code round trip with this one.
+LEGACY_TRANSFORMERS = ("4.46.3", "4.57.6")
 
 
-def venv_python(venv):
-    return venv / "bin" / "python"
+@pytest.fixture(scope="session", params=LEGACY_TRANSFORMERS)
+def legacy_python(request):
+    """Python of an environment with `request.param` (a transformers version), this torch and PIL."""
+    from compat.venvs import CACHE_ROOT, ensure_venv
 
-
-def legacy_is_ready(python):
-    if not python.exists():
-        return False
-    probe = subprocess.run([str(python), "-c", "import transformers, torch; print(transformers.__version__)"],
-                           capture_output=True, text=True, timeout=120)
-    return probe.returncode == 0 and probe.stdout.strip() == LEGACY_TRANSFORMERS
-
-
-@pytest.fixture(scope="session")
-def legacy_python():
-    venv = Path(os.environ.get("TOKENPACKER_LEGACY_VENV", DEFAULT_VENV))
-    python = venv_python(venv)
-    if not legacy_is_ready(python):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
-        torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-        install = [str(python), "-m", "pip", "install", "--quiet", torch_pin, f"transformers=={LEGACY_TRANSFORMERS}",
-                   "safetensors", "numpy", "pillow", "huggingface_hub<1.0", "accelerate"]
-        result = subprocess.run(install, capture_output=True, text=True, timeout=SETUP_TIMEOUT_S)
-        assert result.returncode == 0, f"could not build the transformers {LEGACY_TRANSFORMERS} venv:\n{result.stderr[-3000:]}"
-    assert legacy_is_ready(python)
-    return python
+    return ensure_venv(CACHE_ROOT / f"venv-transformers-{request.param}", request.param, ["pillow"])

@@ -29,6 +29,7 @@ from modeling_tokenpacker import (
 from modeling_tokenpacker.demo import build_tiny_model, synthesize_image
 from modeling_tokenpacker.image_processing_tokenpacker import choose_block_grid
 from modeling_tokenpacker.modeling_tokenpacker import check_image_grids
+from conftest import record_forward_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = 336
@@ -335,17 +336,13 @@ def test_model_checks_image_grids_against_pixel_values(hd_model, slice_processor
     assert check_image_grids([[2, 3]], inputs["pixel_values"]).tolist() == [[2, 3]]  # lists are fine too
 
 
-def test_image_grids_reach_the_model_only_on_the_prefill_step(hd_model):
-    from transformers import DynamicCache
-
-    ids, pixels, grids = torch.tensor([[1, 2, 3]]), torch.zeros(3, 3, BLOCK, BLOCK), torch.tensor([[1, 2]])
-    common = {"pixel_values": pixels, "image_grids": grids, "use_cache": True, "attention_mask": torch.ones(1, 3)}
-    cache = DynamicCache(config=hd_model.config.text_config)
-    first = hd_model.prepare_inputs_for_generation(ids, past_key_values=cache, cache_position=torch.arange(3), **common)
-    later = hd_model.prepare_inputs_for_generation(ids, past_key_values=cache, cache_position=torch.tensor([3]),
-                                                   **common)
-    assert first["image_grids"] is grids and first["pixel_values"] is pixels
-    assert "image_grids" not in later and "pixel_values" not in later
+def test_image_grids_reach_the_model_only_on_the_prefill_step(hd_model, slice_processor):
+    inputs = slice_processor(images=[synthesize_image(700, 300)], text=PROMPT, return_tensors="pt")  # 1x2: 3 blocks
+    with record_forward_inputs(hd_model) as calls, torch.no_grad():
+        hd_model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert [sorted({"pixel_values", "image_grids"} & set(call)) for call in calls] == [
+        ["image_grids", "pixel_values"], [], []]
+    assert calls[0]["image_grids"].tolist() == [[1, 2]]
 
 
 HD_IMAGES = [(700, 300), (300, 700), (300, 300)]  # grids 1x2, 2x1, 1x1: 3 + 3 + 1 blocks (tiny tower ~0.2 s/block)

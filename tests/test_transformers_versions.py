@@ -1,7 +1,9 @@
-"""The shipped remote code across the transformers versions setup.cfg allows: the oldest (4.46) and this one.
+"""The shipped remote code across the transformers versions setup.cfg allows: the oldest (4.46), the last 4.x
+(4.57) and this one (CI installs the newest release).
 
-The `legacy_python` fixture (conftest.py) provides a second virtual environment with transformers 4.46.3. Checkpoints saved by either version load,
-through every Auto class and without the package, in the other, and generate the same tokens.
+The `legacy_python` fixture (conftest.py) provides a virtual environment for each older release. Checkpoints saved
+by either side load, through every Auto class and without the package, in the other, and generate the same tokens.
+The whole range, every minor release, is measured by tests/compat/matrix.py (README, "Tested with").
 """
 
 import json
@@ -15,7 +17,7 @@ import transformers
 from PIL import Image
 
 from modeling_tokenpacker.demo import synthesize_image
-from conftest import LEGACY_TRANSFORMERS
+from compat.venvs import installed_version
 from test_remote_code import PROMPTS, run_child
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ def generate_here(checkpoint, image_paths):
     return output[:, inputs["input_ids"].shape[1]:].tolist()
 
 
-def test_checkpoint_saved_here_loads_and_generates_identically_under_transformers_4_46(
+def test_checkpoint_saved_here_loads_and_generates_identically_under_an_older_release(
     tmp_path, legacy_python, tiny_model, processor, image_paths
 ):
     checkpoint = tmp_path / "saved_here"
@@ -66,14 +68,14 @@ BUILD_UNDER_LEGACY = textwrap.dedent(
 )
 
 
-def test_checkpoint_saved_under_transformers_4_46_loads_and_generates_identically_here(
+def test_checkpoint_saved_under_an_older_release_loads_and_generates_identically_here(
     tmp_path, legacy_python, image_paths
 ):
     checkpoint = tmp_path / "saved_legacy"
     built = subprocess.run([str(legacy_python), "-c", BUILD_UNDER_LEGACY, str(REPO_ROOT), str(checkpoint)],
                            capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert built.returncode == 0, built.stderr[-3000:]
-    assert json.loads(built.stdout.strip().splitlines()[-1])["transformers"] == LEGACY_TRANSFORMERS
+    assert json.loads(built.stdout.strip().splitlines()[-1])["transformers"] == installed_version(legacy_python)
     legacy = run_child(checkpoint, image_paths, cwd=tmp_path, python=legacy_python)
     here = run_child(checkpoint, image_paths, cwd=tmp_path)
     assert here["loaded"] == legacy["loaded"]
