@@ -244,7 +244,7 @@ def timed_encode(model, pixel_values, sync, clock):
     """Seconds of `get_image_features` alone: vision tower and projector."""
     sync()
     start = clock()
-    model.get_image_features(pixel_values=pixel_values)
+    model.get_image_features(pixel_values=pixel_values, return_dict=True)
     sync()
     return clock() - start
 

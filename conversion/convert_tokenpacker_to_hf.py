@@ -51,12 +51,6 @@ VOCAB_MULTIPLE = 64
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 DEFAULT_REGION_FEATURE_LAYERS = [12, 16, 22, 23]  # hard-coded in the original (multi-level CLIP features)
-SHIPPED_MODULES = (
-    "configuration_tokenpacker.py",
-    "modeling_tokenpacker.py",
-    "processing_tokenpacker.py",
-    "image_processing_tokenpacker.py",
-)
 
 # ------------------------------------------------------------------------------------------------------------------
 # config keys of the original config.json
@@ -1220,8 +1214,8 @@ class Converter:
         result.weights_seconds = time.perf_counter() - start
 
     def write_config_files(self, folder):
-        import modeling_tokenpacker
         from modeling_tokenpacker.configuration_tokenpacker import AUTO_MAP
+        from modeling_tokenpacker.remote_code import shipped_files
         from transformers import GenerationConfig
 
         config = self.config
@@ -1229,9 +1223,8 @@ class Converter:
         config.architectures = ["TokenPackerForConditionalGeneration"]
         set_config_dtype(config, DTYPES[self.dtype])
         config.save_pretrained(folder)
-        package_dir = Path(modeling_tokenpacker.__file__).parent
-        for name in SHIPPED_MODULES:
-            shutil.copyfile(package_dir / name, os.path.join(folder, name))
+        for name, path in shipped_files().items():
+            shutil.copyfile(path, os.path.join(folder, name))
         generation = GenerationConfig(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
                                       pad_token_id=self.pad_token_id)
         generation.save_pretrained(folder)

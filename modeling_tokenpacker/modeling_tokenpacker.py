@@ -1,25 +1,39 @@
 """TokenPacker: a vision tower, a region-to-point projector and a causal language model.
 
 Shipped inside checkpoints as remote code: imports only torch, transformers and sibling modules, and works from
-transformers 4.46 to 5.x (see design.md §5; version-dependent spots are marked "4.x/5.x").
+transformers 4.46 to 5.x without version checks (docs/private-surface.md lists what it relies on).
 """
 
-import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from .configuration_tokenpacker import AUTO_MAP, TokenPackerConfig
-
-IGNORE_INDEX = -100
+from .modeling_common import (
+    IGNORE_INDEX,
+    attach_vision_tower,
+    build_output,
+    collect_device_map_rules,
+    floating_dtype,
+    init_vision_tower_module,
+    is_compiling,
+    is_prefill_step,
+    lm_head_tp_plan,
+    next_token_loss,
+    register_with_auto_classes,
+    slice_logits,
+    with_default_quantization_skips,
+)
+from .modeling_tokenpacker_projector import (  # noqa: F401 (re-exported: the projector's classes live there)
+    TokenPackerMLP,
+    TokenPackerProjector,
+    TokenPackerRegionAttention,
+    build_projector,
+)
 
 # Modules bitsandbytes leaves in the compute dtype unless the user's config names its own skip list. Both name
 # styles: 5.x matches a name from the root or as a suffix, 4.x by substring.
@@ -39,10 +53,13 @@ class TokenPackerModelOutputWithPast(BaseModelOutputWithPast):
 
     Args:
         image_hidden_states: `[num_blocks, image_seq_length, hidden]`, the packed visual tokens that were scattered
-            into the image-token positions (None when no pixel values were given).
+            into the image-token positions (None when no image was given).
+        image_outputs: what `get_image_features(..., return_dict=True)` returned for the images (as transformers
+            5.24's multimodal outputs carry it): `pooler_output` one `[tokens, hidden]` tensor per image.
     """
 
     image_hidden_states: Optional[torch.FloatTensor] = None
+    image_outputs: Optional[BaseModelOutputWithPooling] = None
 
 
 @dataclass
@@ -51,212 +68,11 @@ class TokenPackerCausalLMOutputWithPast(CausalLMOutputWithPast):
     positions; `logits` `[batch, seq_len, vocab]` or the last `logits_to_keep` positions), plus
 
     Args:
-        image_hidden_states: as in `TokenPackerModelOutputWithPast`.
+        image_hidden_states, image_outputs: as in `TokenPackerModelOutputWithPast`.
     """
 
     image_hidden_states: Optional[torch.FloatTensor] = None
-
-
-def _build_output(output_class, source, **values):
-    """`output_class` from the fields of `source` (another ModelOutput) that it declares, plus `values`. Copying by
-    the installed release's own field names keeps the cache field's name out of this code."""
-    names = {field.name for field in dataclasses.fields(output_class)}
-    return output_class(**{key: value for key, value in source.items() if key in names}, **values)
-
-
-class TokenPackerMLP(nn.Module):
-    """Two linear layers with an activation between: `[..., in_features]` -> `[..., out_features]`.
-
-    As a projector of its own (`projector_type="mlp2x_gelu"`) this is LLaVA-1.5's projector.
-    """
-
-    def __init__(self, in_features, out_features, hidden_act="gelu"):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_features, out_features)
-        self.act = ACT2FN[hidden_act]
-        self.linear_2 = nn.Linear(out_features, out_features)
-
-    def forward(self, hidden_states):
-        return self.linear_2(self.act(self.linear_1(hidden_states)))
-
-
-class TokenPackerRegionAttention(nn.Module):
-    """Multi-head attention of each point query over its own region, `torch.nn.MultiheadAttention` semantics
-    (projections with bias, no dropout), vectorised over batch and regions.
-
-    Each region has a single query, which allows moving the key and value projections onto the query side
-    (`absorbed_attention`): the same result for a fraction of the work. That path reads `k_proj`/`v_proj` weights
-    directly, so it is taken only when both are plain `nn.Linear` layers; anything that replaces or wraps them (a
-    PEFT adapter, a quantized layer, a parametrization, a hook, accelerate offloading) gets `projected_attention`,
-    which calls the modules and `F.scaled_dot_product_attention`.
-    """
-
-    def __init__(self, embed_dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, query, key, value):
-        """query `[B, Q, E]`; key, value `[B, Q, R, E]` (R = region size) -> `[B, Q, E]`."""
-        if self.projections_can_be_absorbed():
-            attended = self.absorbed_attention(query, key, value)
-        else:
-            attended = self.projected_attention(query, key, value)
-        return self.out_proj(attended)
-
-    def projections_can_be_absorbed(self):
-        """Whether `k_proj` and `v_proj` are plain, materialised `nn.Linear` layers with nothing hooked into them."""
-        return all(
-            type(proj) is nn.Linear
-            and not (proj._forward_hooks or proj._forward_pre_hooks or hasattr(proj, "_hf_hook"))
-            and proj.weight.device.type != "meta"
-            for proj in (self.k_proj, self.v_proj)
-        )
-
-    def projected_attention(self, query, key, value):
-        """Project every key and value, then attend: `[B, Q, E]`, `[B, Q, R, E]` x 2 -> `[B, Q, E]` (heads merged,
-        before `out_proj`)."""
-        batch, num_queries, region, embed_dim = key.shape
-        rows = batch * num_queries
-        q = self.q_proj(query).reshape(rows, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(key).reshape(rows, region, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(value).reshape(rows, region, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # [rows, heads, 1, head_dim]
-        return out.transpose(1, 2).reshape(batch, num_queries, embed_dim)
-
-    def absorbed_attention(self, query, key, value):
-        """`projected_attention` with the key and value projections applied on the query side. Per head h:
-        `q_h . (W_kh k + b_kh) = (W_khᵀ q_h) . k + q_h . b_kh`, whose last term is the same for every key of the
-        region and cancels in the softmax; `sum_r p_r (W_vh v_r + b_vh) = W_vh (sum_r p_r v_r) + b_vh` because the
-        weights p sum to one. The projections then cost one E x E product per query instead of one per key
-        (R = s^2 keys per query). Shapes as in `projected_attention`."""
-        batch, num_queries, _, embed_dim = key.shape
-        q = self.q_proj(query).reshape(batch, num_queries, self.num_heads, self.head_dim) * self.head_dim**-0.5
-        w_k = self.k_proj.weight.reshape(self.num_heads, self.head_dim, embed_dim)
-        w_v = self.v_proj.weight.reshape(self.num_heads, self.head_dim, embed_dim)
-        q_in_key_space = torch.einsum("bqhd,hde->bqhe", q, w_k)
-        scores = torch.matmul(q_in_key_space, key.transpose(-1, -2))  # [B, Q, heads, R]
-        if self.k_proj.bias is not None:
-            # Cancels in the softmax; kept so that every parameter is in the graph (DDP expects it).
-            scores = scores + (q * self.k_proj.bias.reshape(self.num_heads, self.head_dim)).sum(-1, keepdim=True)
-        weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
-        pooled = torch.matmul(weights, value)  # [B, Q, heads, E]: each head's weighted mean of the raw values
-        out = torch.einsum("bqhe,hde->bqhd", pooled, w_v)
-        if self.v_proj.bias is not None:
-            out = out + self.v_proj.bias.reshape(self.num_heads, self.head_dim)
-        return out.reshape(batch, num_queries, embed_dim)
-
-
-class TokenPackerProjector(nn.Module):
-    """Region-to-point injection (TokenPacker, arXiv 2407.02392).
-
-    The point queries are the patch features bilinearly down-sampled from a `g x g` grid to `g' x g'`
-    (`g' = g / scale_factor`); each query attends to the `s x s` multi-level features of its own region.
-
-    Widths: C (vision hidden), L (number of region feature layers), E (projector width), H (LLM hidden).
-    """
-
-    def __init__(self, config: TokenPackerConfig):
-        super().__init__()
-        vision_width = config.vision_config.hidden_size
-        region_width = vision_width * len(config.region_feature_layers)
-        embed_dim = config.projector_hidden_size
-        eps = config.projector_layer_norm_eps
-        self.grid_size = config.grid_size
-        self.scale_factor = config.scale_factor
-        self.query_grid_size = config.grid_size // config.scale_factor
-
-        self.query_proj = nn.Linear(vision_width, embed_dim, bias=False)
-        self.query_norm = nn.LayerNorm(embed_dim, eps=eps)
-        self.key_mlp = TokenPackerMLP(region_width, embed_dim, config.projector_hidden_act)
-        self.key_norm = nn.LayerNorm(embed_dim, eps=eps)
-        self.value_mlp = TokenPackerMLP(region_width, embed_dim, config.projector_hidden_act)
-        self.value_norm = nn.LayerNorm(embed_dim, eps=eps)
-        self.attention = TokenPackerRegionAttention(embed_dim, config.projector_num_heads)
-        self.output_mlp = TokenPackerMLP(embed_dim, config.text_config.hidden_size, config.projector_hidden_act)
-
-    def point_queries(self, image_features):
-        """`[B, g*g, C]` -> `[B, g'*g', C]`: bilinear down-sampling (align_corners=False) computed in float32 and
-        cast back, as the original does. For integer factors this is not an average pool (s=3 picks centres)."""
-        batch, _, channels = image_features.shape
-        grid = image_features.reshape(batch, self.grid_size, self.grid_size, channels).permute(0, 3, 1, 2)
-        size = (self.query_grid_size, self.query_grid_size)
-        queries = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False)
-        return queries.permute(0, 2, 3, 1).reshape(batch, -1, channels).to(image_features.dtype)
-
-    def group_regions(self, features):
-        """`[B, g*g, E]` (row-major grid) -> `[B, g'*g', s*s, E]`: query (i, j) gets rows i*s..i*s+s-1 and columns
-        j*s..j*s+s-1 of the grid, row-major within the region."""
-        batch, _, width = features.shape
-        s, n = self.scale_factor, self.query_grid_size
-        features = features.reshape(batch, n, s, n, s, width).permute(0, 1, 3, 2, 4, 5)
-        return features.reshape(batch, n * n, s * s, width)
-
-    def forward(self, image_features, region_features):
-        """image_features `[B, g*g, C]` (point-query layer), region_features `[B, g*g, L*C]` -> `[B, g'*g', H]`."""
-        query = self.query_norm(self.query_proj(self.point_queries(image_features)))
-        key = self.group_regions(self.key_norm(self.key_mlp(region_features)))
-        value = self.group_regions(self.value_norm(self.value_mlp(region_features)))
-        return self.output_mlp(self.attention(query, key, value))
-
-
-def build_projector(config: TokenPackerConfig):
-    """The projector named by `config.projector_type`."""
-    if config.projector_type == "mlp2x_gelu":
-        return TokenPackerMLP(
-            config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
-        )
-    return TokenPackerProjector(config)
-
-
-def _inner_vision_model(tower):
-    """`CLIPVisionModel` wraps a `vision_model` up to transformers 5.5 and has none from 5.6. Keeping the inner
-    transformer gives the same weight names (`model.vision_tower.encoder...`) in every release, so checkpoints load
-    across versions."""
-    return getattr(tower, "vision_model", tower)
-
-
-def _floating_dtype(module):
-    """dtype of the first floating-point parameter (a quantized module also holds integer weights)."""
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return torch.get_default_dtype()
-
-
-def _with_default_quantization_skips(quantization_config):
-    """A copy of a bitsandbytes config (object or dict) whose unset `llm_int8_skip_modules` becomes
-    MODULES_NOT_TO_QUANTIZE, so only the language model's linear layers are quantized by default."""
-    if quantization_config is None:
-        return None
-    if isinstance(quantization_config, dict):
-        if quantization_config.get("quant_method", "bitsandbytes") != "bitsandbytes":
-            return quantization_config
-        if quantization_config.get("llm_int8_skip_modules") is None:
-            return {**quantization_config, "llm_int8_skip_modules": list(MODULES_NOT_TO_QUANTIZE)}
-        return quantization_config
-    if getattr(quantization_config, "llm_int8_skip_modules", False) is None:
-        quantization_config = copy.deepcopy(quantization_config)
-        quantization_config.llm_int8_skip_modules = list(MODULES_NOT_TO_QUANTIZE)
-    return quantization_config
-
-
-def _is_prefill_step(generation_kwargs):
-    """Whether this generation step must see the pixel values: the first step of a new input, or every step
-    without a cache. `generation_kwargs` are those `generate` hands to `prepare_inputs_for_generation`.
-
-    5.x says `is_first_iteration=True` on the prefill step (5.24 passes nothing on decode steps); every release
-    passes the KV cache, under its own name (`past_key_values` up to 5.23, `cache` from 5.24), which is found by
-    type here: an empty cache, or none yet, also means the first step.
-    """
-    if generation_kwargs.get("use_cache") is False or generation_kwargs.get("is_first_iteration"):
-        return True
-    cache = next((value for value in generation_kwargs.values() if isinstance(value, Cache)), None)
-    return cache is None or cache.get_seq_length() == 0
+    image_outputs: Optional[BaseModelOutputWithPooling] = None
 
 
 def blocks_per_image(image_grids):
@@ -291,13 +107,23 @@ def check_image_grids(image_grids, pixel_values):
 class TokenPackerPreTrainedModel(PreTrainedModel):
     config_class = TokenPackerConfig
     base_model_prefix = "model"
+    input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["TokenPackerProjector"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    # The 4.x names of the same capabilities (5.x reads none of them): without `_supports_cache_class` 4.46 falls back
+    # to tuple caches, without `_supports_static_cache` it refuses `cache_implementation="static"`.
     _supports_flash_attn_2 = True
     _supports_cache_class = True
     _supports_static_cache = True
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        register_with_auto_classes(type(config), TokenPackerModel, TokenPackerForConditionalGeneration)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -305,19 +131,16 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
         vision tower, the projector and `lm_head` unquantized (pass your own `llm_int8_skip_modules` to change it,
         e.g. without the two vision_tower names to quantize the vision tower too)."""
         if kwargs.get("quantization_config") is not None:
-            kwargs["quantization_config"] = _with_default_quantization_skips(kwargs["quantization_config"])
+            kwargs["quantization_config"] = with_default_quantization_skips(
+                kwargs["quantization_config"], MODULES_NOT_TO_QUANTIZE
+            )
         return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module):
-        """Modules of the vision tower get the tower's own initialisation (we keep only its inner transformer, which
-        is no PreTrainedModel, so transformers would not dispatch to it): it restores the non-persistent
-        `position_ids` buffer, which 5.0 and 5.1 leave uninitialised after loading. Everything else as transformers'
-        default."""
+        """The vision tower's modules get the tower's own initialisation (`init_vision_tower_module`), everything
+        else transformers' default."""
         base = self if isinstance(self, TokenPackerModel) else getattr(self, "model", None)
-        tower = getattr(base, "_vision_tower_model", None)
-        if tower is not None and any(module is part for part in base.vision_tower.modules()):
-            tower._init_weights(module)
-        else:
+        if base is None or not init_vision_tower_module(base, module):
             super()._init_weights(module)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -328,24 +151,6 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
             type(self.config).register_for_auto_class("AutoConfig")
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def _collect_device_map_rules(self, towers):
-        """`_no_split_modules` of the sub-models (e.g. CLIPEncoderLayer, LlamaDecoderLayer) plus the projector, so
-        device_map keeps every transformer block and the projector whole, and their `_skip_keys_device_placement`
-        (the cache argument, whatever the release calls it), which accelerate's hooks must not move. 4.46 needs both
-        up front; 5.x also collects them from the children in `post_init`."""
-        names = ["TokenPackerProjector"]
-        skip_keys = []
-        for tower in towers:
-            for name in getattr(tower, "_no_split_modules", None) or []:
-                if name not in names:
-                    names.append(name)
-            keys = getattr(tower, "_skip_keys_device_placement", None) or []
-            for key in [keys] if isinstance(keys, str) else keys:
-                if key not in skip_keys:
-                    skip_keys.append(key)
-        self._no_split_modules = names
-        self._skip_keys_device_placement = skip_keys
 
 
 class TokenPackerModel(TokenPackerPreTrainedModel):
@@ -358,12 +163,8 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         super().__init__(config)
         vision_tower = AutoModel.from_config(config.vision_config)
         language_model = AutoModel.from_config(config.text_config)
-        self._collect_device_map_rules([vision_tower, language_model])
-        # The full tower model is kept, unregistered, to be called (its forward records the hidden states in every
-        # release; 5.0/5.1's inner transformer alone returns none) and to initialise its modules; its weights are
-        # registered once, through the inner transformer.
-        object.__setattr__(self, "_vision_tower_model", vision_tower)
-        self.vision_tower = _inner_vision_model(vision_tower)
+        collect_device_map_rules(self, [vision_tower, language_model], ["TokenPackerProjector"])
+        attach_vision_tower(self, vision_tower)
         self.multi_modal_projector = build_projector(config)
         self.language_model = language_model
         self.post_init()
@@ -374,18 +175,63 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values):
-        """`[num_blocks, 3, S, S]` pixel values -> `[num_blocks, image_seq_length, H]` packed visual tokens."""
+    def pack_images(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                    output_attentions=None):
+        """`[num_blocks, 3, S, S]` pixel values -> (the vision tower's output with every hidden state,
+        `[num_blocks, image_seq_length, H]` packed visual tokens). `vision_feature_layer` and
+        `vision_feature_select_strategy` default to the config's (the point queries' layer and whether the CLS token
+        is dropped)."""
         config = self.config
+        layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        if strategy not in ("default", "full") or (strategy == "full" and config.projector_type == "tokenpacker"):
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or, for mlp2x_gelu only, 'full'; got {strategy!r} "
+                f"for projector_type {config.projector_type!r}."
+            )
         # Device placement is the caller's (or accelerate's hooks' under a device_map); the dtype is the tower's.
-        outputs = self._vision_tower_model(pixel_values.to(_floating_dtype(self.vision_tower)), output_hidden_states=True)
+        tower_kwargs = {"output_hidden_states": True}
+        if output_attentions:
+            tower_kwargs["output_attentions"] = True
+        outputs = self._vision_tower_model(pixel_values.to(floating_dtype(self.vision_tower)), **tower_kwargs)
         hidden_states = outputs.hidden_states
-        start = 1 if config.vision_feature_select_strategy == "default" else 0
-        image_features = hidden_states[config.vision_feature_layer][:, start:]
+        start = 1 if strategy == "default" else 0
+        image_features = hidden_states[layer][:, start:]
         if config.projector_type == "mlp2x_gelu":
-            return self.multi_modal_projector(image_features)
-        region_features = torch.cat([hidden_states[layer][:, start:] for layer in config.region_feature_layers], -1)
-        return self.multi_modal_projector(image_features, region_features)
+            return outputs, self.multi_modal_projector(image_features)
+        region_features = torch.cat([hidden_states[index][:, start:] for index in config.region_feature_layers], -1)
+        return outputs, self.multi_modal_projector(image_features, region_features)
+
+    def get_image_features(self, pixel_values, image_grids=None, vision_feature_layer=None,
+                           vision_feature_select_strategy=None, output_hidden_states=None, output_attentions=None,
+                           return_dict=None, **kwargs):
+        """The packed visual tokens, as transformers' vision-language models return image features.
+
+        pixel_values `[num_blocks, 3, S, S]`; image_grids (optional, 'slice' mode) `[num_images, 2]` say which
+        blocks form each image. Returns a `BaseModelOutputWithPooling` (a tuple of its fields with
+        `return_dict=False`; the default is the config's `return_dict`, True unless changed):
+        - `pooler_output`: one `[tokens, H]` tensor per image (an HD image's blocks in order, each
+          `image_seq_length` tokens; without image_grids every block is an image);
+        - `last_hidden_state`: the vision tower's last layer `[num_blocks, 1 + g*g, C]`;
+        - `hidden_states` / `attentions`: the tower's, when `output_hidden_states` / `output_attentions` is set.
+        Other keyword arguments (e.g. the bookkeeping fields vLLM forwards) are ignored. `pack_images` gives the plain
+        `[num_blocks, image_seq_length, H]` tensor.
+        """
+        if image_grids is not None:
+            image_grids = check_image_grids(image_grids, pixel_values)
+        tower_outputs, packed = self.pack_images(pixel_values, vision_feature_layer, vision_feature_select_strategy,
+                                                 output_attentions)
+        tokens = packed.reshape(-1, packed.shape[-1])
+        blocks = [1] * packed.shape[0] if image_grids is None else blocks_per_image(image_grids).tolist()
+        per_image = tuple(torch.split(tokens, [count * packed.shape[1] for count in blocks]))
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=tower_outputs.last_hidden_state,
+            pooler_output=per_image,
+            hidden_states=tower_outputs.hidden_states if output_hidden_states else None,
+            attentions=getattr(tower_outputs, "attentions", None) if output_attentions else None,
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
 
     def image_token_mask(self, input_ids, inputs_embeds):
         """`[batch, seq_len]` bool mask of the image-token positions (from ids, or by matching the image token's
@@ -398,17 +244,17 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         return (inputs_embeds == image_embedding).all(-1)
 
     def scatter_image_features(self, inputs_embeds, image_mask, image_features):
-        """Write `[num_blocks, T, H]` features, in order, into the `image_mask` positions of `[batch, seq, H]`."""
-        num_tokens = int(image_mask.sum())
-        num_features = image_features.shape[0] * image_features.shape[1]
-        if num_tokens != num_features:
+        """Write `[num_tokens, H]` features, in order, into the `image_mask` positions of `[batch, seq, H]`. The
+        count check reads a tensor value, so it is left out while torch.compile traces."""
+        num_tokens = None if is_compiling() else int(image_mask.sum())
+        if num_tokens is not None and num_tokens != image_features.shape[0]:
             raise ValueError(
                 f"Image features and image tokens do not match: the input has {num_tokens} image tokens "
-                f"(id {self.config.image_token_id}) but the pixel values give {num_features} features "
-                f"({image_features.shape[0]} blocks x {image_features.shape[1]} tokens). Build inputs with "
-                "TokenPackerProcessor, which expands each <image> to the right number of tokens."
+                f"(id {self.config.image_token_id}) but the images give {image_features.shape[0]} features "
+                f"({self.config.image_seq_length} per block). Build inputs with TokenPackerProcessor, which expands "
+                "each <image> to the right number of tokens."
             )
-        image_features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, image_features)
 
@@ -421,28 +267,38 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         inputs_embeds=None,
         return_dict=None,
         image_grids=None,
+        mm_encoder_outputs=None,
         **kwargs,
     ):
         """input_ids `[batch, seq]` with `image_seq_length` image tokens per block; pixel_values
         `[num_blocks, 3, S, S]` in the order the blocks appear in the batch. image_grids (optional, from the image
         processor's 'slice' mode): `[num_images, 2]` (rows, cols) per image, checked against pixel_values (each
         image has rows*cols blocks plus a global view when rows*cols > 1); the processor lays the blocks out in
-        `input_ids`, so the model only checks the count and scatters the features in order.
+        `input_ids`, so the model only checks the count and scatters the features in order. Instead of pixel
+        values, `mm_encoder_outputs={"image": get_image_features(..., return_dict=True)}` gives images already
+        encoded (transformers 5.24's generation passes them so).
 
         Everything else (the KV cache, `use_cache`, `output_attentions`, `output_hidden_states`, attention-backend
         arguments) goes to the language model unchanged, under the names the installed release gives them."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if image_grids is not None:
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and image_outputs is not None:
+            raise ValueError("Pass the images either as pixel_values or as mm_encoder_outputs, not both.")
+        if image_grids is not None and image_outputs is None:
             check_image_grids(image_grids, pixel_values)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = None
+        image_hidden_states = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
+            image_outputs = self.get_image_features(pixel_values, image_grids=image_grids, return_dict=True)
+        if image_outputs is not None:
+            image_tokens = torch.cat(list(image_outputs.pooler_output))
             image_mask = self.image_token_mask(input_ids, inputs_embeds)
-            inputs_embeds = self.scatter_image_features(inputs_embeds, image_mask, image_features)
+            inputs_embeds = self.scatter_image_features(inputs_embeds, image_mask, image_tokens)
+            if image_tokens.shape[0] % self.config.image_seq_length == 0:
+                image_hidden_states = image_tokens.reshape(-1, self.config.image_seq_length, image_tokens.shape[-1])
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -451,7 +307,8 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        output = _build_output(TokenPackerModelOutputWithPast, outputs, image_hidden_states=image_features)
+        output = build_output(TokenPackerModelOutputWithPast, outputs, image_hidden_states=image_hidden_states,
+                              image_outputs=image_outputs)
         return output if return_dict is not False else output.to_tuple()
 
 
@@ -467,6 +324,9 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         self._skip_keys_device_placement = list(self.model._skip_keys_device_placement)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # After post_init, which gathers the sub-models' plans: the language model's own causal-LM class says how its
+        # head is sharded, in the installed release's words.
+        self._tp_plan = {**(getattr(self, "_tp_plan", None) or {}), **lm_head_tp_plan(config.text_config)}
 
     @property
     def vision_tower(self):
@@ -495,9 +355,9 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
     def get_decoder(self):
         return self.model.language_model
 
-    def get_image_features(self, pixel_values):
-        """`[num_blocks, 3, S, S]` -> `[num_blocks, image_seq_length, H]` packed visual tokens."""
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values, **kwargs):
+        """As `TokenPackerModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def forward(
         self,
@@ -512,10 +372,13 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         image_grids=None,
         **kwargs,
     ):
-        """As `TokenPackerModel.forward` (including the optional `image_grids` of 'slice' mode, and the cache and
-        other language-model arguments passed through `kwargs`); `labels` `[batch, seq]` (IGNORE_INDEX -100 where
-        no loss) give a next-token loss in which image-token positions never count."""
+        """As `TokenPackerModel.forward` (including the optional `image_grids` of 'slice' mode, `mm_encoder_outputs`,
+        and the cache and other language-model arguments passed through `kwargs`). `labels` `[batch, seq]`
+        (IGNORE_INDEX -100 where no loss) give a next-token loss in which image-token positions never count;
+        `shift_labels` `[batch, seq]` (each position's target, as sequence/context-parallel training passes them)
+        are used as they are instead, with image-token targets ignored; `num_items_in_batch` as Trainer passes it."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -526,37 +389,26 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits(outputs.last_hidden_state, logits_to_keep))
 
         loss = None
-        if labels is not None:
+        image_token_id = self.config.image_token_id
+        if shift_labels is not None:
+            shift_labels = shift_labels.masked_fill(shift_labels == image_token_id, IGNORE_INDEX)
+            loss = next_token_loss(logits, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+        elif labels is not None:
             image_mask = self.model.image_token_mask(input_ids, inputs_embeds).to(labels.device)
-            loss = self.next_token_loss(logits, labels.masked_fill(image_mask, IGNORE_INDEX), num_items_in_batch)
+            labels = labels.masked_fill(image_mask | (labels == image_token_id), IGNORE_INDEX)
+            loss = next_token_loss(logits, labels=labels, num_items_in_batch=num_items_in_batch)
 
-        output = _build_output(TokenPackerCausalLMOutputWithPast, outputs, loss=loss, logits=logits)
+        output = build_output(TokenPackerCausalLMOutputWithPast, outputs, loss=loss, logits=logits)
         return output if return_dict is not False else output.to_tuple()
-
-    @staticmethod
-    def next_token_loss(logits, labels, num_items_in_batch=None):
-        """Mean cross-entropy of position t predicting label t+1 (float32), skipping IGNORE_INDEX; with
-        `num_items_in_batch` (Trainer's gradient accumulation) the sum divided by that count."""
-        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-        if num_items_in_batch is None:
-            return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
-        loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss / num_items_in_batch
 
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_grids=None, **kwargs):
         """The language model's own preparation (the cache and every other argument passed through unchanged), plus
         the pixel values (and their image_grids) on the step that needs them."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        if pixel_values is not None and _is_prefill_step(kwargs):
+        if pixel_values is not None and is_prefill_step(kwargs):
             model_inputs["pixel_values"] = pixel_values
             if image_grids is not None:
                 model_inputs["image_grids"] = image_grids

@@ -23,15 +23,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers.dynamic_module_utils import get_relative_import_files
 
 from .configuration_tokenpacker import AUTO_MAP, TokenPackerConfig
+from .remote_code import shipped_files
 from .staging import StagingFolder, run_child, terminate_cleanly
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-# The modules `save_pretrained` writes into a checkpoint (with whatever they import relatively).
-ENTRY_MODULES = ("configuration_tokenpacker", "modeling_tokenpacker", "processing_tokenpacker",
-                 "image_processing_tokenpacker")
 PROCESSOR_AUTO_MAP = {
     "AutoImageProcessor": "image_processing_tokenpacker.TokenPackerImageProcessor",
     "AutoProcessor": "processing_tokenpacker.TokenPackerProcessor",
@@ -41,16 +37,6 @@ VERIFY_NEW_TOKENS = 8
 
 class UpgradeError(ValueError):
     """A folder that cannot be upgraded, or an upgrade that did not check out; the folder is left as it was."""
-
-
-def shipped_files():
-    """`{file name: path}` of this release's remote-code modules."""
-    files = {}
-    for name in ENTRY_MODULES:
-        path = PACKAGE_DIR / f"{name}.py"
-        for item in [str(path), *get_relative_import_files(str(path))]:
-            files[Path(item).name] = Path(item)
-    return files
 
 
 def _read_json(path):

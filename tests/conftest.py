@@ -82,7 +82,7 @@ LEGACY_TRANSFORMERS = ("4.46.3", "4.57.6")
 
 @pytest.fixture(scope="session", params=LEGACY_TRANSFORMERS)
 def legacy_python(request):
-    """Python of an environment with `request.param` (a transformers version), this torch and PIL."""
+    """Python of an environment with `request.param` (a transformers version), this torch, PIL and pytest."""
     from compat.venvs import CACHE_ROOT, ensure_venv
 
-    return ensure_venv(CACHE_ROOT / f"venv-transformers-{request.param}", request.param, ["pillow"])
+    return ensure_venv(CACHE_ROOT / f"venv-transformers-{request.param}", request.param, ["pillow", "pytest"])

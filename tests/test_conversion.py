@@ -359,11 +359,13 @@ def test_layout_specifics(converted, work):
 
 
 def test_output_folder_contents_config_and_model_card(converted):
+    from modeling_tokenpacker.remote_code import shipped_files
+
     output, result = converted["sharded_bin_embedded_tower"]
     files = set(os.listdir(output))
     assert {"config.json", "generation_config.json", "model.safetensors", "README.md", "preprocessor_config.json",
             "processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
-            *converter.SHIPPED_MODULES} <= files
+            *shipped_files()} <= files
     assert not [name for name in files if name.endswith(".tmp") or name.startswith("_tmp")]
     config = json.loads((output / "config.json").read_text())
     from modeling_tokenpacker.configuration_tokenpacker import AUTO_MAP
@@ -380,8 +382,9 @@ def test_output_folder_contents_config_and_model_card(converted):
     from modeling_tokenpacker import load_chat_template
 
     assert json.loads((output / "chat_template.json").read_text())["chat_template"] == load_chat_template("vicuna_v1")
-    for name in converter.SHIPPED_MODULES:
-        assert (output / name).read_text() == open(os.path.join(REPO_ROOT, "modeling_tokenpacker", name)).read()
+    assert {"modeling_common.py", "modeling_tokenpacker_projector.py"} <= set(shipped_files())
+    for name, path in shipped_files().items():
+        assert (output / name).read_text() == path.read_text()
     card = (output / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     for line in ("license: other", "library_name: transformers", "pipeline_tag: image-text-to-text", "- tokenpacker",

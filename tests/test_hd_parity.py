@@ -143,16 +143,16 @@ def model_runs(hd9, inputs):
     """Our logits, projector output and 8 KV-cached greedy tokens for MODEL_IMAGES. The vision tower runs once per
     image: `generate` gets the features the forward computed (the same pixel values, checked equal)."""
     model = hd9["model"]
-    compute = model.model.get_image_features
+    compute = model.model.pack_images
     cache = {}
 
-    def cached_image_features(pixel_values):
+    def cached_pack_images(pixel_values, *args, **kwargs):
         key = (tuple(pixel_values.shape), float(pixel_values.double().sum()))
         if key not in cache or not torch.equal(cache[key][0], pixel_values):
-            cache[key] = (pixel_values.clone(), compute(pixel_values))
+            cache[key] = (pixel_values.clone(), compute(pixel_values, *args, **kwargs))
         return cache[key][1]
 
-    model.model.get_image_features = cached_image_features
+    model.model.pack_images = cached_pack_images
     runs = {}
     try:
         for name in MODEL_IMAGES:
@@ -163,7 +163,7 @@ def model_runs(hd9, inputs):
                           "greedy_tokens": generated[0, inputs[name]["input_ids"].shape[1]:].tolist()}
             cache.clear()
     finally:
-        del model.model.get_image_features
+        del model.model.pack_images
     return runs
 
 

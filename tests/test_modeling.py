@@ -34,7 +34,7 @@ def greedy_without_cache(model, inputs, steps):
 def test_image_features_are_packed_to_image_seq_length_tokens(tiny_model, processor, images):
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        features = tiny_model.get_image_features(pixel_values)
+        _, features = tiny_model.model.pack_images(pixel_values)
     assert features.shape == (3, 144, tiny_model.config.text_config.hidden_size)
     assert torch.isfinite(features).all()
 
@@ -43,7 +43,7 @@ def test_forward_scatters_features_into_image_positions_and_returns_them(tiny_mo
     inputs = single_inputs(processor, images[0])
     with torch.no_grad():
         output = tiny_model(**inputs)
-        features = tiny_model.get_image_features(inputs["pixel_values"])
+        _, features = tiny_model.model.pack_images(inputs["pixel_values"])
         embeds = tiny_model.get_input_embeddings()(inputs["input_ids"])
         mask = inputs["input_ids"] == tiny_model.config.image_token_id
         embeds[mask] = features.reshape(-1, features.shape[-1])
@@ -199,7 +199,7 @@ def test_bfloat16_model_keeps_float32_interpolation_and_generates(tmp_path, tiny
     assert model.lm_head.weight.dtype == torch.bfloat16
     inputs = single_inputs(processor, images[0])
     with torch.no_grad():
-        features = model.get_image_features(inputs["pixel_values"])
+        features = model.get_image_features(inputs["pixel_values"]).pooler_output[0]
         output = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert features.dtype == torch.bfloat16
     assert output.shape[1] == inputs["input_ids"].shape[1] + 3

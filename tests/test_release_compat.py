@@ -35,7 +35,7 @@ def test_outputs_are_transformers_own_output_types_with_the_image_features_added
         assert isinstance(result[CACHE_FIELD], Cache)
         assert result[CACHE_FIELD].get_seq_length() == inputs["input_ids"].shape[1]
         assert result.image_hidden_states.shape == (1, 144, tiny_model.config.text_config.hidden_size)
-    assert set(output.keys()) == {"logits", CACHE_FIELD, "image_hidden_states"}
+    assert set(output.keys()) == {"logits", CACHE_FIELD, "image_hidden_states", "image_outputs"}
 
 
 def test_cache_passed_back_by_the_installed_release_name_continues_the_sequence(tiny_model, processor, images):

@@ -80,3 +80,13 @@ def test_checkpoint_saved_under_an_older_release_loads_and_generates_identically
     here = run_child(checkpoint, image_paths, cwd=tmp_path)
     assert here["loaded"] == legacy["loaded"]
     assert here["tokens"] == legacy["tokens"]
+
+
+def test_the_transformers_contract_holds_under_an_older_release(legacy_python):
+    """tests/test_transformers_contract.py run by the older release (the points it has; the rest skip)."""
+    result = subprocess.run([str(legacy_python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(REPO_ROOT / "tests" / "test_transformers_contract.py")],
+                            capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " passed" in result.stdout.strip().splitlines()[-1]

@@ -1,0 +1,21 @@
+"""The files a checkpoint carries so that it loads with `trust_remote_code=True` (not shipped itself)."""
+
+from pathlib import Path
+
+from transformers.dynamic_module_utils import get_relative_import_files
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The modules `save_pretrained` writes into a checkpoint, with whatever they import relatively.
+ENTRY_MODULES = ("configuration_tokenpacker", "modeling_tokenpacker", "processing_tokenpacker",
+                 "image_processing_tokenpacker")
+
+
+def shipped_files():
+    """`{file name: path}` of this release's remote-code modules: the entry modules and their relative imports
+    (found as `save_pretrained` finds them)."""
+    files = {}
+    for name in ENTRY_MODULES:
+        path = PACKAGE_DIR / f"{name}.py"
+        for item in [str(path), *get_relative_import_files(str(path))]:
+            files[Path(item).name] = Path(item)
+    return files
