@@ -19,12 +19,8 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from .chat_templates import load_chat_template
 from .configuration_tokenpacker import TokenPackerConfig
 from .image_processing_tokenpacker import TokenPackerImageProcessor
-from .modeling_tokenpacker import (
-    TokenPackerForConditionalGeneration,
-    TokenPackerModel,
-    TokenPackerPreTrainedModel,
-    TokenPackerProjector,
-)
+from .modeling_tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel, TokenPackerPreTrainedModel
+from .modeling_tokenpacker_projector import TokenPackerProjector
 from .processing_tokenpacker import TokenPackerProcessor
 
 __version__ = "0.1.0"

@@ -28,12 +28,7 @@ from .modeling_common import (
     slice_logits,
     with_default_quantization_skips,
 )
-from .modeling_tokenpacker_projector import (  # noqa: F401 (re-exported: the projector's classes live there)
-    TokenPackerMLP,
-    TokenPackerProjector,
-    TokenPackerRegionAttention,
-    build_projector,
-)
+from .modeling_tokenpacker_projector import build_projector
 
 # Modules bitsandbytes leaves in the compute dtype unless the user's config names its own skip list. Both name
 # styles: 5.x matches a name from the root or as a suffix, 4.x by substring.

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for `conversio
 
 import original_format as of  # noqa: E402
 from conftest import dtype_kwargs  # noqa: E402
-from conversion.convert_tokenpacker_to_hf import convert  # noqa: E402
+from conversion.tokenpacker_converter import convert  # noqa: E402
 
 FIXTURES = os.path.join(HERE, "fixtures")
 IMAGE_PLACEHOLDER_ID = -200  # the original's IMAGE_TOKEN_INDEX

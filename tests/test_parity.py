@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for `conversion`
 
 import original_format as of  # noqa: E402
-from conversion.convert_tokenpacker_to_hf import convert  # noqa: E402
+from conversion.tokenpacker_converter import convert  # noqa: E402
 from conftest import dtype_kwargs  # noqa: E402
 
 FIXTURES = os.path.join(HERE, "fixtures")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_tokenpacker import TokenPackerConfig, TokenPackerProjector
-from modeling_tokenpacker.modeling_tokenpacker import TokenPackerMLP, TokenPackerRegionAttention, build_projector
+from modeling_tokenpacker.modeling_tokenpacker_projector import TokenPackerMLP, TokenPackerRegionAttention, build_projector
 
 VISION_WIDTH, NUM_LEVELS, EMBED_DIM, NUM_HEADS, LLM_WIDTH = 16, 4, 32, 4, 24
 
