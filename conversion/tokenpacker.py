@@ -11,6 +11,7 @@ from .llava import PROJECTOR_PREFIX, Mapping, classify_common, unknown_tensor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "configuration"
+PROCESSOR_PRESET_DIR = REPO_ROOT / "processing" / "presets"
 ORIGINAL_MODEL_TYPES = ("llava", "llava_llama")
 DEFAULT_REGION_FEATURE_LAYERS = [12, 16, 22, 23]  # hard-coded in the original (multi-level CLIP features)
 
@@ -74,6 +75,13 @@ def load_presets():
         preset = read_json(path)
         presets[preset.get("name", path.stem)] = preset
     return presets
+
+
+def processor_preset(name):
+    """The processor preset (processing/presets/NAME.json) of a released family: image-processor settings,
+    `image_seq_length`, chat template; None for a family without one."""
+    path = PROCESSOR_PRESET_DIR / f"{name}.json"
+    return read_json(path) if path.is_file() else None
 
 
 def get_preset(name):

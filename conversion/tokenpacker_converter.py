@@ -15,6 +15,7 @@ from .tokenpacker import (
     get_preset,
     match_presets,
     preset_mismatches,
+    processor_preset,
     validate_original_config,
 )
 
@@ -210,13 +211,22 @@ class TokenPackerConverter(LlavaFamilyConverter):
         )
 
     def write_processor(self, folder):
+        """The processor: the family's processor preset (processing/presets/) when there is one, the CLIP folder's
+        preprocessing values over it, and the checkpoint's own mode; the preset's image_seq_length must agree with
+        the model's."""
         from modeling_tokenpacker import TokenPackerImageProcessor, TokenPackerProcessor, load_chat_template
 
-        kwargs = image_processor_kwargs(self.clip_dir)
-        image_processor = TokenPackerImageProcessor(
-            image_aspect_ratio=self.image_aspect_ratio, patch_num=self.patch_num, **kwargs)
-        processor = TokenPackerProcessor(image_processor, self.tokenizer, image_seq_length=self.config.image_seq_length,
-                                         chat_template=load_chat_template("vicuna_v1"))
+        preset = processor_preset(self.preset["name"]) if self.preset else None
+        settings = dict((preset or {}).get("image_processor", {}))
+        settings.update(image_processor_kwargs(self.clip_dir))
+        settings.update(image_aspect_ratio=self.image_aspect_ratio, patch_num=self.patch_num)
+        if preset and preset["image_seq_length"] != self.config.image_seq_length:
+            raise ConversionError(f"processing/presets/{preset['name']}.json says {preset['image_seq_length']} image "
+                                  f"tokens per block; the converted model gives {self.config.image_seq_length}.")
+        processor = TokenPackerProcessor(TokenPackerImageProcessor(**settings), self.tokenizer,
+                                         image_seq_length=self.config.image_seq_length,
+                                         chat_template=load_chat_template((preset or {}).get("chat_template",
+                                                                                             "vicuna_v1")))
         processor.save_pretrained(folder)
 
     # -- driver --------------------------------------------------------------------------------------------------

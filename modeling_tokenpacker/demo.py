@@ -140,7 +140,12 @@ class TimingStreamer(TextStreamer):
         super().put(value)
 
 
-def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None):
+def say(line):
+    """One line of what the demo is doing, printed at once."""
+    print(line, flush=True)
+
+
+def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None, random_weights=False):
     """Load a checkpoint (remote code allowed), answer `prompt` about the image, print timings; returns the text."""
     load_kwargs = {"trust_remote_code": True}
     if torch.cuda.is_available():
@@ -155,18 +160,22 @@ def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
         )
+    say(f"loading {model_path} with trust_remote_code=True ...")
     model = AutoModelForImageTextToText.from_pretrained(model_path, **load_kwargs).eval()
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    image = Image.open(image_path)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[image], text=[text], return_tensors="pt").to(model.device)
+    inputs = processor(images=[image_path], text=[text], return_tensors="pt").to(model.device)
     config = model.config
     grid = config.vision_config.image_size // config.vision_config.patch_size
-    print(f"model class:  {type(model).__module__}.{type(model).__name__}")
-    print(f"visual tokens per image: {grid * grid} patches -> {config.image_seq_length} packed "
-          f"({1 - config.image_seq_length / (grid * grid):.0%} fewer, {config.projector_type}, scale {config.scale_factor})")
-    print(f"prompt tokens: {inputs['input_ids'].shape[1]}")
+    image_tokens = int((inputs["input_ids"] == config.image_token_id).sum())
+    say(f"model class:  {type(model).__module__}.{type(model).__name__}")
+    say(f"visual tokens per image: {grid * grid} patches -> {config.image_seq_length} packed "
+        f"({1 - config.image_seq_length / (grid * grid):.0%} fewer, {config.projector_type}, scale {config.scale_factor})")
+    say(f"prompt tokens: {inputs['input_ids'].shape[1]}, of which {image_tokens} image tokens")
+    if random_weights:
+        say("note: this checkpoint has random weights, so the answer below is nonsense; it shows the pipeline works")
+    say(f"generating up to {max_new_tokens} tokens (greedy) ...")
     streamer = TimingStreamer(processor.tokenizer)
     print("answer: ", end="", flush=True)
     start = time.perf_counter()
@@ -176,8 +185,8 @@ def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None):
     prefill = times[0] - start if times else float("nan")
     decode_rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
     answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    print(f"prefill (vision tower + projector + LM over the prompt): {prefill * 1000:.1f} ms")
-    print(f"decode: {len(times)} tokens, {decode_rate:.1f} tokens/s")
+    say(f"prefill (vision tower + projector + LM over the prompt): {prefill * 1000:.1f} ms")
+    say(f"decode: {len(times)} tokens, {decode_rate:.1f} tokens/s")
     return answer
 
 
@@ -192,27 +201,34 @@ def build_demo_checkpoint(output_dir):
 
 
 def run_tiny_demo(workdir, max_new_tokens):
+    workdir = os.path.abspath(workdir)
     checkpoint = os.path.join(workdir, "tiny_tokenpacker")
     start = time.perf_counter()
+    say("building a tiny TokenPacker (CLIP-shaped tower with the real 24 x 24 grid, tiny LLaMA), random weights ...")
     build_demo_checkpoint(checkpoint)
-    print(f"checkpoint: {checkpoint} (built in {time.perf_counter() - start:.1f} s, random weights)")
+    say(f"checkpoint: {checkpoint} (built and saved with its remote code in {time.perf_counter() - start:.1f} s, "
+        "random weights)")
     image_path = os.path.join(workdir, "synthesized.png")
     synthesize_image().save(image_path)
+    say(f"image: {image_path} (synthesized)")
+    say("reloading it in a fresh Python process that cannot import this package ...")
     # A fresh interpreter that never imports this package: the checkpoint's own remote code must carry it.
     command = [sys.executable, os.path.abspath(__file__), "--model", checkpoint, "--image", image_path,
-               "--prompt", "What is in the image?", "--max-new-tokens", str(max_new_tokens)]
+               "--prompt", "What is in the image?", "--max-new-tokens", str(max_new_tokens), "--random-weights"]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run(command, env=env, cwd=workdir).returncode
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="checkpoint folder or Hub id; omit to run on a tiny random checkpoint")
-    parser.add_argument("--image", help="image file to ask about")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", help="checkpoint folder or Hub id (None: build and run a tiny random checkpoint)")
+    parser.add_argument("--image", help="image to ask about: a file, a file:// or http(s) URL")
     parser.add_argument("--prompt", default="What is in the image?", help="question about the image")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--output-dir", help="where the tiny checkpoint goes (default: a temporary folder)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate at most")
+    parser.add_argument("--output-dir", help="folder for the tiny checkpoint (None: a temporary folder)")
+    parser.add_argument("--random-weights", action="store_true", help=argparse.SUPPRESS)
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="quantize the language model to 4 bits (bitsandbytes)")
     quant.add_argument("--load-in-8bit", action="store_true", help="quantize the language model to 8 bits (bitsandbytes)")
@@ -221,9 +237,11 @@ def main(argv=None):
     if args.model:
         if not args.image:
             parser.error("--model needs --image FILE")
+        if "://" not in args.image and not os.path.isfile(args.image):
+            parser.error(f"--image {args.image}: no such file")
         quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
-        answer = chat(args.model, args.image, args.prompt, args.max_new_tokens, quantization)
-        print(f"generated text: {answer!r}")
+        answer = chat(args.model, args.image, args.prompt, args.max_new_tokens, quantization, args.random_weights)
+        say(f"generated text: {answer!r}")
         return 0
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)

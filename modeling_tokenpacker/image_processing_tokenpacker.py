@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from .image_processing_common import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, describe, flatten_images, to_rgb_image
+
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 SLICE_MODE = "slice"
@@ -53,74 +55,36 @@ SLICE_GRID_CANDIDATES = {
 SLICE_PATCH_NUMS = tuple(SLICE_GRID_CANDIDATES)
 # Bytes of 8-bit source rows read at once while resizing in 'slice' mode (bounds memory for huge images).
 SLICE_STRIP_BYTES = 1 << 24
-HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# 'pad' mode builds its letterbox canvas whole up to this size, in bands beyond (letterbox_resize).
+CANVAS_BYTES = 1 << 25
 
 
-def _is_torch_tensor(value):
-    return type(value).__module__.split(".")[0] == "torch" and hasattr(value, "numpy")
+def letterbox_resize(image, background_color, size, resample, canvas_bytes=CANVAS_BYTES):
+    """The RGB `image` letterboxed onto a square canvas of its longer side (centred at offset `(long - short) // 2`,
+    filled with `background_color`) and resized to `size` x `size` by PIL with `resample` ('pad' mode).
 
-
-def _array_to_pil(array):
-    """`[H, W]`, `[H, W, C]` or `[C, H, W]` (C in 1, 3, 4) uint8 or float in [0, 1] -> PIL image."""
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(
-            f"Expected an image array of shape [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4); got {array.shape}."
-        )
-    if np.issubdtype(array.dtype, np.floating):
-        if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
-            raise ValueError(
-                f"Float image arrays must hold values in [0, 1]; got values in [{np.nanmin(array)}, {np.nanmax(array)}]."
-            )
-        array = np.round(np.nan_to_num(array) * 255)
-    elif array.dtype == np.bool_:
-        array = array * 255
-    elif not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"Expected an integer, float or bool image array; got dtype {array.dtype}.")
-    elif array.size and (array.min() < 0 or array.max() > 255):
-        raise ValueError(
-            f"Integer image arrays must hold values in [0, 255]; got values in [{array.min()}, {array.max()}]."
-        )
-    return Image.fromarray(array.astype(np.uint8))
-
-
-def to_rgb_image(image):
-    """Any PIL image (every mode; 16-bit data scaled to 8 bits), numpy array or torch tensor -> RGB PIL image."""
-    if _is_torch_tensor(image):
-        image = image.detach().cpu()
-        if image.is_floating_point():
-            image = image.float()  # numpy has no bfloat16
-        image = image.numpy()
-    if isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"Expected a PIL image, a numpy array or a torch tensor; got {type(image).__name__}.")
-    if image.mode in HIGH_BIT_DEPTH_MODES:
-        # PIL's own conversion clips values above 255. 16-bit modes are scaled from their full range to 8 bits; a
-        # 32-bit "I" image is taken as 16-bit data when a value exceeds 255, else as 8-bit values (e.g. "L" -> "I").
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode != "I" or (values.size and values.max() > 255):
-            values = values / 257.0
-        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
-    elif image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
-        image = Image.fromarray(np.clip(np.round(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def expand_to_square(image, background_color):
-    """Letterbox an RGB image onto a square canvas of its longer side, centred (offset `(long - short) // 2`)."""
+    A canvas of more than `canvas_bytes` is never built (a 1 x 50000 image would need 7.5 GB): PIL resizes in two
+    passes, horizontal first, and each row of the first pass depends on one canvas row only, so the first pass runs
+    over bands of canvas rows (rows outside the image are one background row) and the second, vertical pass over
+    its `side x size` result. The pixels equal PIL's resize of the whole canvas (tests/test_image_processing.py).
+    """
     width, height = image.size
-    if width == height:
-        return image
     side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background_color)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
+    left, top = (side - width) // 2, (side - height) // 2
+    if side * side * 3 <= canvas_bytes:
+        canvas = Image.new("RGB", (side, side), background_color)
+        canvas.paste(image, (left, top))
+        return canvas.resize((size, size), resample=resample)
+    background_row = Image.new("RGB", (side, 1), background_color).resize((size, 1), resample, box=(0, 0, side, 1))
+    first_pass = np.empty((side, size, 3), dtype=np.uint8)
+    first_pass[:] = np.asarray(background_row)[0]
+    rows_per_band = max(1, canvas_bytes // (side * 3))
+    for start in range(top, top + height, rows_per_band):
+        stop = min(start + rows_per_band, top + height)
+        band = Image.new("RGB", (side, stop - start), background_color)
+        band.paste(image.crop((0, start - top, width, stop - top)), (left, 0))
+        first_pass[start:stop] = np.asarray(band.resize((size, stop - start), resample, box=(0, 0, side, stop - start)))
+    return Image.fromarray(first_pass).resize((size, size), resample, box=(0, 0, size, side))
 
 
 def choose_block_grid(height, width, patch_num=9, block_size=336):
@@ -230,19 +194,11 @@ def resize_normalized(image, height, width, mean, std, divisor=255.0, strip_byte
     return output.permute(2, 0, 1)
 
 
-def _flatten_images(images):
-    if isinstance(images, (list, tuple)):
-        flat = []
-        for item in images:
-            flat.extend(_flatten_images(item))
-        return flat
-    if (isinstance(images, np.ndarray) or _is_torch_tensor(images)) and images.ndim == 4:
-        return list(images)
-    return [images]
-
-
 class TokenPackerImageProcessor(BaseImageProcessor):
     r"""Prepares images for TokenPacker as the original LLaVA-1.5 evaluation does.
+
+    Inputs of every kind (paths, URLs, arrays, PIL modes) follow the rules of image_processing_common.py;
+    `max_image_pixels` and `max_image_side` bound what is accepted.
 
     `image_aspect_ratio="pad"`: letterbox onto a square filled with the mean colour, then CLIP preprocessing
     (shortest edge to `size`, bicubic; centre crop to `crop_size`; rescale; normalise). Any other value except
@@ -269,9 +225,13 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         patch_num=9,
         resample=Image.BICUBIC,
         rescale_factor=1 / 255,
+        max_image_pixels=MAX_IMAGE_PIXELS,
+        max_image_side=MAX_IMAGE_SIDE,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.max_image_pixels = int(max_image_pixels)
+        self.max_image_side = int(max_image_side)
         self.size = dict(size) if size is not None else {"shortest_edge": 336}
         self.crop_size = dict(crop_size) if crop_size is not None else {"height": 336, "width": 336}
         self.image_mean = list(image_mean) if image_mean is not None else list(OPENAI_CLIP_MEAN)
@@ -308,16 +268,27 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         """The letterbox fill of 'pad' mode: the mean colour as 8-bit integers, truncated as the original does."""
         return tuple(int(mean * 255) for mean in self.image_mean)
 
-    def clip_preprocess(self, image):
-        """RGB PIL image -> `[3, crop_h, crop_w]` float32: CLIP resize, centre crop, rescale, normalise."""
+    def clip_preprocess(self, image, index=0, letterbox=False):
+        """RGB PIL image -> `[3, crop_h, crop_w]` float32: CLIP resize (shortest edge to `size`, `resample`),
+        centre crop, rescale, normalise; with `letterbox` ('pad' mode) the image is first letterboxed onto a square of
+        the mean colour (`letterbox_resize`, memory bounded)."""
         width, height = image.size
         shortest = self.size["shortest_edge"]
-        if width <= height:
-            new_size = (shortest, int(shortest * height / width))
+        if letterbox:
+            resized = letterbox_resize(image, self.background_color, shortest, self.resample)
         else:
-            new_size = (int(shortest * width / height), shortest)
-        pixels = np.asarray(image.resize(new_size, resample=self.resample), dtype=np.uint8)
-        pixels = self.center_crop_array(pixels)
+            if width <= height:
+                new_size = (shortest, int(shortest * height / width))
+            else:
+                new_size = (int(shortest * width / height), shortest)
+            if new_size[0] * new_size[1] > self.max_image_pixels:
+                raise ValueError(
+                    f"Image {index}: {describe(image)} would be resized to {new_size[0]}x{new_size[1]} before its "
+                    f"centre crop in image_aspect_ratio={self.image_aspect_ratio!r} mode, more than max_image_pixels="
+                    f"{self.max_image_pixels}; use 'pad' or 'slice' mode for such aspect ratios."
+                )
+            resized = image.resize(new_size, resample=self.resample)
+        pixels = self.center_crop_array(np.asarray(resized, dtype=np.uint8))
         pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
         mean = np.asarray(self.image_mean, dtype=np.float32)
         std = np.asarray(self.image_std, dtype=np.float32)
@@ -361,8 +332,11 @@ class TokenPackerImageProcessor(BaseImageProcessor):
                                                     align_corners=False)
         return torch.cat([blocks, view]), (rows, cols)
 
-    def preprocess(self, images, return_tensors=None, image_aspect_ratio=None, patch_num=None, **kwargs):
-        """images: one image or a (nested) list; PIL images of any mode, numpy arrays or torch tensors.
+    def preprocess(self, images, return_tensors=None, image_aspect_ratio=None, patch_num=None, input_data_format=None,
+                   **kwargs):
+        """images: one image or a (nested) list of them: PIL images, numpy arrays, torch tensors, paths, file:// or
+        http(s) URLs, base64 data (the rules: image_processing_common.py). `input_data_format` ("channels_first" /
+        "channels_last") says where arrays keep their channels when their shape leaves it open.
 
         Returns a `BatchFeature` with `pixel_values` `[num_images, 3, crop_h, crop_w]`; in 'slice' mode
         `pixel_values` `[total_blocks, 3, B, B]` and `image_grids` int64 `[num_images, 2]` (see the class docstring).
@@ -371,24 +345,21 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         patch_num = self.patch_num if patch_num is None else patch_num
         if mode == SLICE_MODE:
             self._check_slice_settings(patch_num)
-        unknown = set(kwargs) - {"do_convert_rgb", "data_format", "input_data_format"}
+        unknown = set(kwargs) - {"do_convert_rgb", "data_format"}
         if unknown:
             raise TypeError(f"Unexpected arguments to TokenPackerImageProcessor.preprocess: {sorted(unknown)}.")
+        flat = flatten_images(images)
+        if not flat:
+            raise ValueError("No images were given to the image processor (an empty list).")
         batch, grids = [], []
-        for image in _flatten_images(images):
-            image = to_rgb_image(image)
-            if image.width < 1 or image.height < 1:
-                raise ValueError(f"Images must be at least 1x1 pixels; got {image.width}x{image.height}.")
+        for index, image in enumerate(flat):
+            image = to_rgb_image(image, index, input_data_format, self.max_image_pixels, self.max_image_side)
             if mode == SLICE_MODE:
                 blocks, grid = self.slice_preprocess(image, patch_num)
                 batch.append(blocks.numpy())
                 grids.append(grid)
-                continue
-            if mode == "pad":
-                image = expand_to_square(image, self.background_color)
-            batch.append(self.clip_preprocess(image)[None])
-        if not batch:
-            raise ValueError("No images were given to the image processor.")
+            else:
+                batch.append(self.clip_preprocess(image, index, letterbox=mode == "pad")[None])
         data = {"pixel_values": np.concatenate(batch)}
         if mode == SLICE_MODE:
             data["image_grids"] = np.asarray(grids, dtype=np.int64).reshape(-1, 2)

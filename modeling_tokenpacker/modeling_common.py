@@ -170,3 +170,53 @@ def register_with_auto_classes(config_class, base_model_class, head_class):
     except ValueError:
         # A release that compares the two classes' module paths (4.x) and sees copies: leave its tables as they are.
         pass
+
+
+def check_pixel_values(pixel_values, image_size):
+    """TypeError/ValueError unless `pixel_values` is a float tensor `[N >= 1, 3, image_size, image_size]` of
+    finite values, as the image processors return with `return_tensors="pt"`."""
+    expected = f"a float torch.Tensor [num_blocks, 3, {image_size}, {image_size}] as the image processor returns it"
+    if not torch.is_tensor(pixel_values):
+        raise TypeError(f"pixel_values must be {expected} (return_tensors='pt'); got {type(pixel_values).__name__}.")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be {expected}; got dtype {pixel_values.dtype}.")
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, image_size, image_size):
+        raise ValueError(f"pixel_values must be {expected}; got shape {list(pixel_values.shape)}.")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no image (shape [0, ...]); leave it out for a text-only batch.")
+    if not is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values holds NaN or infinite values; expected normalised pixels (the image "
+                         "processor's output).")
+
+
+def check_text_inputs(input_ids, inputs_embeds, attention_mask, labels, vocab_size):
+    """TypeError/ValueError for ids, embeddings, masks or labels that cannot describe one batch: ids must be
+    integer `[batch, seq]` within the vocabulary; the mask 2-D at least as long as the ids (past tokens count);
+    labels of the ids' shape."""
+    if input_ids is not None:
+        if not torch.is_tensor(input_ids) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            kind = input_ids.dtype if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise TypeError(f"input_ids must be an integer torch.Tensor [batch, seq]; got {kind}.")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq]; got shape {list(input_ids.shape)} (add a batch "
+                             "dimension with input_ids[None]).")
+        if not is_compiling() and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {vocab_size}) (the vocabulary); got values in "
+                                 f"[{low}, {high}].")
+    elif inputs_embeds is not None and inputs_embeds.ndim != 3:
+        raise ValueError(f"inputs_embeds must be [batch, seq, hidden]; got shape {list(inputs_embeds.shape)}.")
+    batch_and_length = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+    if torch.is_tensor(attention_mask) and attention_mask.ndim == 2 and (
+            attention_mask.shape[0] != batch_and_length[0] or attention_mask.shape[1] < batch_and_length[1]):
+        raise ValueError(f"attention_mask {list(attention_mask.shape)} does not cover the inputs "
+                         f"{list(batch_and_length)}: expected [batch, past + seq].")
+    if labels is not None and tuple(labels.shape) != batch_and_length:
+        raise ValueError(f"labels must have the inputs' shape {list(batch_and_length)}; got {list(labels.shape)}.")
+
+
+def has_past(model_kwargs):
+    """Whether the call continues a sequence: a cache (found by type, whatever its name) that holds tokens."""
+    cache = next((value for value in model_kwargs.values() if isinstance(value, Cache)), None)
+    return cache is not None and cache.get_seq_length() > 0

@@ -17,8 +17,11 @@ from .modeling_common import (
     IGNORE_INDEX,
     attach_vision_tower,
     build_output,
+    check_pixel_values,
+    check_text_inputs,
     collect_device_map_rules,
     floating_dtype,
+    has_past,
     init_vision_tower_module,
     is_compiling,
     is_prefill_step,
@@ -137,6 +140,22 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
         base = self if isinstance(self, TokenPackerModel) else getattr(self, "model", None)
         if base is None or not init_vision_tower_module(base, module):
             super()._init_weights(module)
+
+    def push_to_hub(self, repo_id, *args, **kwargs):
+        """As transformers' `push_to_hub`; a repository that has no model card yet first gets this model's
+        (`modeling_tokenpacker_card.build_model_card`: license, base model, pipeline tag, paper, usage), which
+        transformers then keeps and tags instead of writing its generic one."""
+        from huggingface_hub import HfApi
+
+        from .modeling_tokenpacker_card import build_model_card
+
+        api = HfApi(token=kwargs.get("token"))
+        repo = api.create_repo(repo_id, private=kwargs.get("private"), exist_ok=True).repo_id
+        if not api.file_exists(repo, "README.md"):
+            card = build_model_card(self.config, repo_id=repo)
+            api.upload_file(path_or_fileobj=str(card).encode("utf-8"), path_in_repo="README.md", repo_id=repo,
+                            commit_message="Add the model card")
+        return super().push_to_hub(repo_id, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config with the remote-code files and an `auto_map` naming every Auto class."""
@@ -277,11 +296,19 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         arguments) goes to the language model unchanged, under the names the installed release gives them."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        check_text_inputs(input_ids, inputs_embeds, attention_mask, kwargs.get("labels"),
+                          self.config.text_config.vocab_size)
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if pixel_values is not None and image_outputs is not None:
             raise ValueError("Pass the images either as pixel_values or as mm_encoder_outputs, not both.")
         if image_grids is not None and image_outputs is None:
             check_image_grids(image_grids, pixel_values)
+        if pixel_values is not None:
+            check_pixel_values(pixel_values, self.config.vision_config.image_size)
+        elif image_outputs is None and input_ids is not None and not is_compiling() and not has_past(kwargs) \
+                and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError(f"input_ids hold image tokens (id {self.config.image_token_id}) but no pixel_values were "
+                             "given; pass the images the processor prepared with the prompt.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -374,6 +401,9 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         are used as they are instead, with image-token targets ignored; `num_items_in_batch` as Trainer passes it."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
+        if labels is not None or shift_labels is not None:
+            check_text_inputs(input_ids, inputs_embeds, None, labels if labels is not None else shift_labels,
+                              self.config.text_config.vocab_size)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -10,9 +10,9 @@ import os
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+from .image_processing_common import flatten_images
+from .processing_common import encode_prompt, images_for_prompts, pad_batch, prompts_from_text, split_options, truncate
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -144,87 +144,102 @@ class TokenPackerProcessor(ProcessorMixin):
             ids.append(newline)
         return ids
 
-    def __call__(self, images=None, text=None, return_tensors=None, padding=True, padding_side=None, **kwargs):
-        """images: one image or a list (PIL, numpy, torch); text: a prompt or a list of prompts, one `<image>` per
-        image in order. Returns `input_ids` and `attention_mask` `[batch, seq]` and `pixel_values`
-        `[num_images, 3, 336, 336]` (when images are given); in 'slice' mode `pixel_values`
-        `[total_blocks, 3, 336, 336]` and `image_grids` `[num_images, 2]`."""
-        if text is None:
-            raise ValueError("TokenPackerProcessor needs `text` (a prompt with one <image> per image).")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(item, str) for item in texts):
-            raise TypeError(f"`text` must be a string or a list of strings; got {type(text).__name__}.")
-        image_features = {}
-        num_images = 0
-        if images is not None:
-            image_features = dict(self.image_processor(images, return_tensors=return_tensors, **kwargs.pop("images_kwargs", {})))
-            grids = image_features.get("image_grids")
-            num_images = len(image_features["pixel_values"]) if grids is None else len(grids)
-        num_placeholders = sum(item.count(self.image_token) for item in texts)
-        if num_placeholders != num_images:
-            raise ValueError(
-                f"The text has {num_placeholders} {self.image_token} placeholders but {num_images} images were given; "
-                "write one placeholder per image."
-            )
-        for modality in ("videos", "audio"):
-            if kwargs.pop(modality, None) is not None:
-                raise ValueError(f"TokenPacker takes images and text only; got {modality}.")
-        for unused in ("add_special_tokens", "truncation", "return_token_type_ids", "text_kwargs"):
-            kwargs.pop(unused, None)
-        if kwargs:
-            # Pipelines hand generation arguments (e.g. do_sample) to the processor too, as to every processor.
-            logger.warning_once(f"TokenPackerProcessor ignores the arguments {sorted(kwargs)}.")
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """images: an image or a (nested) list of them — PIL images, numpy arrays, torch tensors, paths, file:// or
+        http(s) URLs, base64 data — flat in prompt order or one list per prompt; text: a prompt or a list of prompts,
+        one `<image>` per image. Returns `input_ids` and `attention_mask` `[batch, seq]` and `pixel_values`
+        `[num_images, 3, 336, 336]` (when images are given; images alone give only these); in 'slice' mode
+        `pixel_values` `[total_blocks, 3, 336, 336]` and `image_grids` `[num_images, 2]`.
 
-        grids = image_features.get("image_grids")
-        grids = [None] * num_images if grids is None else [tuple(int(v) for v in grid) for grid in grids]
+        The tokenizer's arguments: `padding` (True / 'longest' by default, 'max_length', False), `max_length`,
+        `pad_to_multiple_of`, `padding_side` (the tokenizer's by default; the tokenizer itself is left unchanged),
+        `truncation` (text only: a cut through image tokens is a ValueError), `add_special_tokens`,
+        `return_attention_mask`, `return_offsets_mapping` (offsets into the prompt with each `<image>` replaced by
+        the text of its tokens), `return_text_replacement_offsets`, `return_tensors`. Image-processor arguments
+        (`image_aspect_ratio`, `patch_num`, `input_data_format`) go to the image processor, also nested as
+        `images_kwargs`."""
+        options, image_options = split_options({**kwargs, "videos": videos, "audio": audio}, type(self).__name__)
+        return_tensors = options["return_tensors"]
+        if text is None:
+            if images is None:
+                raise ValueError("TokenPackerProcessor needs text, images or both.")
+            return BatchFeature(dict(self.image_processor(images, return_tensors=return_tensors, **image_options)),
+                                tensor_type=return_tensors)
+        prompts = prompts_from_text(text)
+        flat_images, counts = images_for_prompts(images, prompts, self.image_token, flatten_images)
+        image_features = {}
+        grids = [None] * len(flat_images)
+        if flat_images:
+            image_features = dict(self.image_processor(flat_images, return_tensors=return_tensors, **image_options))
+            if image_features.get("image_grids") is not None:
+                grids = [tuple(int(v) for v in grid) for grid in image_features["image_grids"]]
+        with_offsets = options["return_offsets_mapping"]
+        if with_offsets and not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("return_offsets_mapping (and return_assistant_tokens_mask) need a fast tokenizer.")
         encoded, used = [], 0
-        for item in texts:
-            count = item.count(self.image_token)
-            encoded.append({"input_ids": self.tokenize_with_images(item, grids[used : used + count])})
-            used += count
-        text_features = self.pad(encoded, padding, padding_side, return_tensors)
-        return BatchFeature(data={**text_features, **image_features}, tensor_type=return_tensors)
+        for index, prompt in enumerate(prompts):
+            expansions = [self.image_expansion(grid) for grid in grids[used: used + counts[index]]]
+            used += counts[index]
+            ids, offsets, replacements = encode_prompt(self.tokenizer, prompt, self.image_token, expansions,
+                                                       options["add_special_tokens"], with_offsets)
+            max_length = options["max_length"] or self._model_max_length()
+            if options["truncation"] not in (False, None, "do_not_truncate") and max_length is not None:
+                ids, offsets = truncate(ids, offsets, max_length, self.tokenizer.truncation_side,
+                                        self.image_token_id, index)
+            encoded.append((ids, offsets, replacements))
+        side = options["padding_side"] or self.tokenizer.padding_side
+        ids, masks, offsets = pad_batch([item[0] for item in encoded], [item[1] for item in encoded],
+                                        self.tokenizer.pad_token_id, options["padding"], options["max_length"],
+                                        options["pad_to_multiple_of"], side)
+        if return_tensors is not None and len({len(item) for item in ids}) > 1:
+            raise ValueError("Prompts of different lengths need padding=True to become one tensor.")
+        data = {"input_ids": ids}
+        if options["return_attention_mask"]:
+            data["attention_mask"] = masks
+        if with_offsets:
+            data["offset_mapping"] = offsets
+        features = BatchFeature(data={**data, **image_features}, tensor_type=return_tensors)
+        if options["return_text_replacement_offsets"]:
+            features["text_replacement_offsets"] = [item[2] for item in encoded]  # never a tensor
+        return features
 
     def tokenize_with_images(self, prompt, image_grids=None):
         """One prompt -> token ids, each `image_token` expanded to `image_seq_length` image-token ids, or, with
-        `image_grids` (one `(rows, cols)` per placeholder, None for a single block), to that image's HD sequence
-        (`image_placeholder_ids`).
+        `image_grids` (one `(rows, cols)` per placeholder, None for a single block), to that image's HD sequence;
+        the text around them tokenized as the original's `tokenizer_image_token` does (`encode_prompt`)."""
+        grids = [None] * prompt.count(self.image_token) if image_grids is None else list(image_grids)
+        ids, _, _ = encode_prompt(self.tokenizer, prompt, self.image_token, [self.image_expansion(g) for g in grids])
+        return ids
 
-        The chunks between placeholders are tokenized separately with special tokens; the BOS that the tokenizer
-        puts at the start of every chunk is kept for the first chunk only (the original's tokenizer_image_token).
-        """
-        chunks = [self.tokenizer(chunk, add_special_tokens=True)["input_ids"] for chunk in prompt.split(self.image_token)]
-        bos = self.tokenizer.bos_token_id
-        drop_bos = bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos
-        image_grids = [None] * (len(chunks) - 1) if image_grids is None else list(image_grids)
-        if len(image_grids) != len(chunks) - 1:
-            raise ValueError(f"The prompt has {len(chunks) - 1} {self.image_token} placeholders but "
-                             f"{len(image_grids)} image grids were given.")
-        input_ids = list(chunks[0])
-        for chunk, grid in zip(chunks[1:], image_grids):
-            input_ids.extend(self.image_placeholder_ids(grid))
-            input_ids.extend(chunk[1:] if drop_bos and chunk[:1] == [bos] else chunk)
-        return input_ids
+    def _model_max_length(self):
+        """The tokenizer's `model_max_length` when it is a real limit (transformers' "no limit" is a huge number)."""
+        length = getattr(self.tokenizer, "model_max_length", None)
+        return length if isinstance(length, int) and length < 10**8 else None
 
-    def pad(self, encoded, padding, padding_side, return_tensors):
-        side = padding_side or self.tokenizer.padding_side
-        if self.tokenizer.pad_token_id is None and len(encoded) > 1 and padding:
-            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token to pad a batch.")
-        if not padding or len(encoded) == 1:
-            features = {
-                "input_ids": [item["input_ids"] for item in encoded],
-                "attention_mask": [[1] * len(item["input_ids"]) for item in encoded],
-            }
-            if return_tensors is not None and len({len(ids) for ids in features["input_ids"]}) > 1:
-                raise ValueError("Prompts of different lengths need padding=True to become one tensor.")
-            return dict(BatchFeature(features, tensor_type=return_tensors))
-        previous_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = side
-        try:
-            padded = self.tokenizer.pad(encoded, padding=padding, return_tensors=return_tensors, return_attention_mask=True)
-        finally:
-            self.tokenizer.padding_side = previous_side
-        return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+    def image_expansion(self, grid=None):
+        """`(ids, text)` one `<image>` becomes: `image_placeholder_ids(grid)` and the text of those tokens (each image
+        token written as `<image>`), which offsets and `text_replacement_offsets` refer to."""
+        ids = self.image_placeholder_ids(grid)
+        return ids, "".join(self.tokenizer.convert_ids_to_tokens(ids))
+
+    def replace_image_token(self, image_inputs, image_idx, **kwargs):
+        """The text image `image_idx` of `image_inputs` (an image-processor output) takes in the expanded prompt
+        (transformers 5.x's replacement hook)."""
+        grids = image_inputs.get("image_grids") if isinstance(image_inputs, dict) else None
+        grid = None if grids is None else tuple(int(v) for v in grids[image_idx])
+        return self.image_expansion(grid)[1]
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """As `ProcessorMixin.apply_chat_template`, after checking that `conversation` is a non-empty list of
+        messages (dicts with a role and content), or a list of such lists."""
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError(f"apply_chat_template needs a non-empty list of messages; got {conversation!r}.")
+        conversations = conversation if isinstance(conversation[0], (list, tuple)) else [conversation]
+        for messages in conversations:
+            if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+                raise ValueError("apply_chat_template needs messages of the form {'role': ..., 'content': ...}; got "
+                                 f"{messages!r}"[:300] + ".")
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -211,10 +211,18 @@ def test_output_folder_contents_config_and_model_card(converted):
         assert (output / name).read_text() == path.read_text()
     card = (output / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
-    for line in ("license: other", "library_name: transformers", "pipeline_tag: image-text-to-text", "- tokenpacker",
-                 "- llava", "- multimodal", "- image-text-to-text"):
-        assert line in front
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(output / "README.md").data
+    assert data.license == "other" and data.library_name == "transformers"
+    assert data.pipeline_tag == "image-text-to-text"
+    assert {"tokenpacker", "llava", "multimodal", "image-text-to-text", "custom_code"} <= set(data.tags)
+    assert "license:" in front
     assert "AutoModelForImageTextToText" in body and "source config.json sha256" in body and "bfloat16" in body
+    assert "apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True" in body
+    assert "arxiv.org/abs/2407.02392" in body and "github.com/CircleRadon/TokenPacker" in body
+    for folder_name in ("orig_sharded", "ckpt", "clip_vision", "conversion0"):  # no local folder names
+        assert folder_name not in card, folder_name
     assert f"{result.verified_tensors} tensors equal bit for bit" in body
     assert "convert_tokenpacker_to_hf.py` " + CONVERTER_VERSION in body
 
@@ -536,3 +544,17 @@ def test_converted_folder_loads_in_transformers_4_46_with_the_same_tokens(conver
     old = run_child(output, images, cwd=tmp_path, python=legacy)
     assert old["loaded"] == current["loaded"]
     assert old["tokens"] == current["tokens"]
+
+
+def test_every_model_preset_has_a_processor_preset_that_agrees_with_it():
+    for name, preset in tokenpacker.load_presets().items():
+        processing = tokenpacker.processor_preset(name)
+        assert processing is not None, name
+        assert processing["image_seq_length"] == preset["image_seq_length"], name
+        assert processing["image_processor"]["image_aspect_ratio"] == preset["image_aspect_ratio"], name
+        if preset["patch_num"] is not None:
+            assert processing["image_processor"]["patch_num"] == preset["patch_num"], name
+        from modeling_tokenpacker import TokenPackerImageProcessor, load_chat_template
+
+        TokenPackerImageProcessor(**processing["image_processor"])  # valid settings
+        assert load_chat_template(processing["chat_template"])

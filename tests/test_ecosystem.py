@@ -155,6 +155,18 @@ class FakeHub:
         return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="",
                                           commit_description="", oid="0" * 40)
 
+    def file_exists(self, repo_id, filename, *args, **kwargs):
+        return (self.root / repo_id / filename).is_file()
+
+    def upload_file(self, *args, path_or_fileobj=None, path_in_repo=None, repo_id=None, **kwargs):
+        (self.root / repo_id / path_in_repo).write_bytes(path_or_fileobj)
+
+    def load_card(self, repo_id, *args, **kwargs):
+        path = self.root / repo_id / "README.md"
+        if not path.is_file():
+            raise huggingface_hub.errors.EntryNotFoundError(f"no README.md in {repo_id}")
+        return huggingface_hub.ModelCard(path.read_text())
+
     def upload_folder(self, *args, repo_id=None, folder_path=None, **kwargs):
         shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
         return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="",
@@ -163,9 +175,10 @@ class FakeHub:
 
 def test_push_to_hub_sends_a_self_contained_repo(tmp_path, monkeypatch, tiny_model, processor, inputs, expected_tokens):
     hub = FakeHub(tmp_path / "hub")
-    for name in ("create_repo", "create_commit", "upload_folder"):
+    for name in ("create_repo", "create_commit", "upload_folder", "file_exists", "upload_file"):
         monkeypatch.setattr(huggingface_hub.HfApi, name, lambda self, *a, _f=getattr(hub, name), **k: _f(*a, **k))
         monkeypatch.setattr(huggingface_hub, name, getattr(hub, name), raising=False)
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(lambda cls, *a, **k: hub.load_card(*a, **k)))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     tiny_model.push_to_hub("someone/tiny_tokenpacker", private=True)
     processor.push_to_hub("someone/tiny_tokenpacker", private=True)
@@ -176,8 +189,9 @@ def test_push_to_hub_sends_a_self_contained_repo(tmp_path, monkeypatch, tiny_mod
             "image_processing_tokenpacker.py", "preprocessor_config.json", "tokenizer_config.json",
             "chat_template.json", "README.md"} <= files, files
     assert any(name.endswith(".safetensors") for name in files)
-    card = (sent / "README.md").read_text()
-    assert card.startswith("---") and "library_name: transformers" in card
+    card = huggingface_hub.ModelCard((sent / "README.md").read_text())  # ours, kept and tagged by transformers
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert "arxiv.org/abs/2407.02392" in card.text and 'repo = "someone/tiny_tokenpacker"' in card.text
 
     model = AutoModelForImageTextToText.from_pretrained(sent, trust_remote_code=True)
     loaded_processor = AutoProcessor.from_pretrained(sent, trust_remote_code=True)
@@ -185,3 +199,32 @@ def test_push_to_hub_sends_a_self_contained_repo(tmp_path, monkeypatch, tiny_mod
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert output.tolist() == expected_tokens
+
+
+def test_push_to_hub_gives_a_new_repository_the_tokenpacker_model_card(tiny_model, monkeypatch):
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import ModelCard
+
+    uploads, pushed = [], []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Url", (), {"repo_id": repo_id})()
+
+        def file_exists(self, repo_id, filename):
+            return False
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, commit_message):
+            uploads.append((path_in_repo, path_or_fileobj.decode()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(transformers_hub.PushToHubMixin, "push_to_hub",
+                        lambda self, repo_id, *args, **kwargs: pushed.append(repo_id))
+    tiny_model.push_to_hub("someone/tokenpacker-tiny")
+    assert pushed == ["someone/tokenpacker-tiny"] and [name for name, _ in uploads] == ["README.md"]
+    card = ModelCard(uploads[0][1])
+    assert card.data.pipeline_tag == "image-text-to-text" and "tokenpacker" in card.data.tags
+    assert 'repo = "someone/tokenpacker-tiny"' in card.text and "tokenize=True, return_dict=True" in card.text

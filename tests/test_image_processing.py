@@ -150,8 +150,8 @@ def _image_in_mode(mode):
     rng = np.random.default_rng(1)
     if mode == "I;16":
         return Image.fromarray(rng.integers(0, 65536, size=(21, 34), dtype=np.uint16))
-    if mode == "I":
-        return Image.fromarray(rng.integers(0, 65536, size=(21, 34)).astype(np.int32))
+    if mode == "I":  # 32-bit integers holding 8-bit values (16-bit data comes as I;16)
+        return Image.fromarray(rng.integers(0, 256, size=(21, 34)).astype(np.int32))
     if mode == "F":
         return Image.fromarray(rng.random((21, 34)).astype(np.float32))
     rgba = Image.fromarray(rng.integers(0, 256, size=(21, 34, 4), dtype=np.uint8), "RGBA")
@@ -190,14 +190,30 @@ def test_16_bit_mid_grey_is_scaled_not_clipped(image_processor):
     assert max_abs_diff(actual, image_processor(white_8)["pixel_values"]) > 0.5
 
 
-def test_32_bit_integer_image_with_16_bit_values_is_scaled(image_processor):
+def test_32_bit_integer_image_above_8_bit_values_is_refused_pointing_to_16_bit_modes(image_processor):
+    """One rule for every integer image: 16-bit data says so (uint16, I;16); mode I holds 8-bit values."""
     grey_i = Image.fromarray(np.full((13, 19), 32896, dtype=np.int32))
     assert grey_i.mode == "I"
+    with pytest.raises(ValueError, match=r"Image 0: PIL image 19x13 mode I holds values in \[32896, 32896\].*\[0, 255\]"
+                                         r".*uint16, or PIL mode I;16"):
+        image_processor(grey_i)
+    as_16_bit = Image.fromarray(np.full((13, 19), 32896, dtype=np.uint16))
     grey_8 = Image.new("RGB", (19, 13), (128, 128, 128))
-    assert max_abs_diff(image_processor(grey_i)["pixel_values"], image_processor(grey_8)["pixel_values"]) <= 1e-6
+    assert max_abs_diff(image_processor(as_16_bit)["pixel_values"], image_processor(grey_8)["pixel_values"]) <= 1e-6
 
 
-@pytest.mark.parametrize("value, equivalent_8_bit", [(1.0, 255), (0.5, 128), (255.0, 255), (64.0, 64)])
+def test_uint16_arrays_follow_the_16_bit_rule_of_i16_images(image_processor):
+    data = np.random.default_rng(3).integers(0, 65536, size=(13, 19), dtype=np.uint16)
+    np.testing.assert_array_equal(image_processor(data)["pixel_values"],
+                                  image_processor(Image.fromarray(data))["pixel_values"])
+
+
+def test_float_mode_image_outside_the_unit_range_is_refused(image_processor):
+    with pytest.raises(ValueError, match=r"mode F holds values in \[64.0, 64.0\]; float images must hold values in \[0, 1\]"):
+        image_processor(Image.fromarray(np.full((13, 19), 64.0, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("value, equivalent_8_bit", [(1.0, 255), (0.5, 128), (0.0, 0)])
 def test_float_mode_image_in_unit_or_8_bit_range(image_processor, value, equivalent_8_bit):
     image = Image.fromarray(np.full((13, 19), value, dtype=np.float32))
     assert image.mode == "F"
@@ -277,7 +293,7 @@ class NotAnImage:
     pass
 
 
-@pytest.mark.parametrize("bad, type_name", [("a picture.png", "str"), (NotAnImage(), "NotAnImage"), (3.0, "float")])
+@pytest.mark.parametrize("bad, type_name", [(NotAnImage(), "NotAnImage"), (3.0, "float")])
 def test_non_image_object_raises_type_error_naming_the_type(image_processor, bad, type_name):
     with pytest.raises(TypeError, match=type_name):
         image_processor(bad)
@@ -445,5 +461,3 @@ def test_mode_I_with_8bit_values_is_not_darkened():
     processor = TokenPackerImageProcessor(image_aspect_ratio="square")
     gray = Image.new("L", (8, 8), 200)
     np.testing.assert_array_equal(processor(gray.convert("I"))["pixel_values"], processor(gray)["pixel_values"])
-    sixteen_bit = Image.fromarray(np.full((8, 8), 51400, dtype=np.int32), mode="I")  # 51400 / 257 = 200
-    np.testing.assert_array_equal(processor(sixteen_bit)["pixel_values"], processor(gray)["pixel_values"])

@@ -195,9 +195,11 @@ def test_placeholder_image_count_mismatch_raises_with_both_numbers(processor, sm
     assert f"{num_images or 0} images" in message
 
 
-def test_missing_text_raises(processor, small_image):
-    with pytest.raises(ValueError, match="text"):
-        processor(images=small_image)
+def test_images_without_text_give_pixel_values_only(processor, small_image):
+    out = processor(images=[small_image, small_image], return_tensors="pt")
+    assert set(out) == {"pixel_values"} and out["pixel_values"].shape == (2, 3, 336, 336)
+    with pytest.raises(ValueError, match="needs text, images or both"):
+        processor()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -196,10 +196,12 @@ def test_push_to_hub_uploads_only_the_changed_files(old_checkpoint, monkeypatch)
 
     import huggingface_hub
 
+    changed = sorted(plan_upgrade(old_checkpoint))
+    assert "modeling_tokenpacker.py" in changed and "model.safetensors" not in changed
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     upgrade_module.upgrade(old_checkpoint, verify_result=False, push_to_hub="someone/tokenpacker-tiny",
                            log=lambda line: None)
     assert calls == [("create_repo", "someone/tokenpacker-tiny", True),
-                     ("upload_folder", "someone/tokenpacker-tiny", str(old_checkpoint), ["modeling_tokenpacker.py"])]
+                     ("upload_folder", "someone/tokenpacker-tiny", str(old_checkpoint), changed)]
     with pytest.raises(UpgradeError, match="not a Hub repository id"):
         upgrade_module.upgrade(old_checkpoint, push_to_hub="not a repo//id", log=lambda line: None)

@@ -6,6 +6,8 @@ links to this torch and the distributions it requires, so no environment unpacks
 the environment itself come first on its `sys.path`, the linked ones after.
 """
 
+import contextlib
+import fcntl
 import importlib.metadata
 import os
 import re
@@ -47,6 +49,11 @@ def torch_link_dir():
     import torch
 
     folder = CACHE_ROOT / f"torch-{torch.__version__}-links"
+    with locked(CACHE_ROOT / f".torch-{torch.__version__}-links.lock"):
+        return _link_torch(folder)
+
+
+def _link_torch(folder):
     if (folder / ".complete").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,10 +82,27 @@ def installed_version(python, package="transformers"):
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on `path` (a lock file), held by one process at a time (pytest-xdist workers, matrix jobs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_venv(venv, transformers_version, extra_requirements=(), timeout=1200):
     """Python of a virtual environment at `venv` with transformers `transformers_version`, this torch and
     `extra_requirements`; reused when it already imports that version. Raises RuntimeError with pip's output."""
     venv = Path(venv)
+    with locked(venv.parent / f".{venv.name}.lock"):
+        return _ensure_venv(venv, transformers_version, extra_requirements, timeout)
+
+
+def _ensure_venv(venv, transformers_version, extra_requirements, timeout):
     python = venv_python(venv)
     marker = venv / ".tokenpacker-requirements"
     wanted = "\n".join([transformers_version, *extra_requirements])
