@@ -170,9 +170,6 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
 class TokenPackerModel(TokenPackerPreTrainedModel):
     """Vision tower + projector + language model without LM head (LLaVA's composition)."""
 
-    # `AutoModel` on a checkpoint of the model with the head: the head's weight is expected to be left out.
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
-
     def __init__(self, config: TokenPackerConfig):
         super().__init__(config)
         vision_tower = AutoModel.from_config(config.vision_config)

@@ -82,31 +82,40 @@ def images_for_prompts(images, prompts, placeholder, flatten):
     return flat, counts
 
 
-def encode_prompt(tokenizer, prompt, placeholder, expansions, add_special_tokens=True, with_offsets=False):
+def encode_prompt(tokenizer, prompt, placeholder, expansions, add_special_tokens=True, with_offsets=False,
+                  boundary=((), "")):
     """One prompt -> (ids, offsets, replacements), the original's `tokenizer_image_token` with each placeholder
     replaced: the chunks between placeholders are tokenized on their own with special tokens and the BOS every chunk
-    gets is kept for the first chunk only (none at all with `add_special_tokens=False`).
+    gets is kept for the first chunk only (none at all with `add_special_tokens=False`); a prompt that starts with
+    the BOS text (as the chat template writes it, for serving stacks that tokenize rendered chats without special
+    tokens) gets that BOS only, not a second one.
 
-    `expansions`: per placeholder `(ids, text)`: the ids it becomes and the text they stand for in the expanded
-    prompt. Offsets are `(start, end)` per token in the expanded prompt (the prompt with each placeholder replaced by
-    its text), as transformers' `text_replacement_offsets` describe it: one `{"type", "span", "new_span", "text",
-    "replacement"}` per placeholder."""
+    `expansions`: per placeholder `(ids, text)`: the ids it becomes and the text they stand for. `boundary`:
+    `(ids, text)` of what the chunk-wise tokenization puts at the start of the text after a placeholder but a
+    tokenization of the whole expanded prompt would not (see `image_boundary`); its text ends each replacement and
+    the chunk's leading boundary ids are placed on it. Offsets are `(start, end)` per token in the expanded prompt
+    (the prompt with each placeholder replaced by its replacement), as transformers' `text_replacement_offsets`
+    describe it: one `{"type", "span", "new_span", "text", "replacement"}` per placeholder."""
     chunks = prompt.split(placeholder)
     if len(expansions) != len(chunks) - 1:
         raise ValueError(f"The prompt has {len(chunks) - 1} {placeholder} placeholders but {len(expansions)} images "
                          "were given for it.")
     bos = tokenizer.bos_token_id
+    boundary_ids, boundary_text = list(boundary[0]), boundary[1]
     ids, offsets, replacements = [], [], []
     source = expanded = 0  # where the next chunk starts in the prompt and in the expanded prompt
     for index, chunk in enumerate(chunks):
         encoded = tokenizer(chunk, add_special_tokens=True, return_offsets_mapping=with_offsets)
         chunk_ids = list(encoded["input_ids"])
         chunk_offsets = [tuple(pair) for pair in encoded["offset_mapping"]] if with_offsets else [(0, 0)] * len(chunk_ids)
-        if bos is not None and chunk_ids[:1] == [bos] and (index > 0 or not add_special_tokens):
+        written_bos = index == 0 and bos is not None and chunk.startswith(tokenizer.bos_token) and chunk_ids[:2] == [bos, bos]
+        if bos is not None and chunk_ids[:1] == [bos] and (index > 0 or not add_special_tokens or written_bos):
             chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
+        lead = len(boundary_ids) if index > 0 and boundary_ids and chunk_ids[:len(boundary_ids)] == boundary_ids else 0
         ids.extend(chunk_ids)
+        offsets.extend([(expanded - len(boundary_text), expanded)] * lead)
         offsets.extend((start + expanded, end + expanded) if end > start else (expanded, expanded)
-                       for start, end in chunk_offsets)
+                       for start, end in chunk_offsets[lead:])
         source += len(chunk)
         expanded += len(chunk)
         if index == len(chunks) - 1:
@@ -116,10 +125,12 @@ def encode_prompt(tokenizer, prompt, placeholder, expansions, add_special_tokens
         ids.extend(expansion_ids)
         offsets.extend((expanded + round(k * width), expanded + round((k + 1) * width))
                        for k in range(len(expansion_ids)))
+        replacement = text + boundary_text
         replacements.append({"type": "image", "span": (source, source + len(placeholder)),
-                             "new_span": (expanded, expanded + len(text)), "text": placeholder, "replacement": text})
+                             "new_span": (expanded, expanded + len(replacement)), "text": placeholder,
+                             "replacement": replacement})
         source += len(placeholder)
-        expanded += len(text)
+        expanded += len(replacement)
     return ids, offsets, replacements
 
 

@@ -9,10 +9,14 @@ import os
 
 import transformers
 from transformers.feature_extraction_utils import BatchFeature
+from transformers import processing_utils
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
 
 from .image_processing_common import flatten_images
 from .processing_common import encode_prompt, images_for_prompts, pad_batch, prompts_from_text, split_options, truncate
+
+logger = logging.get_logger(__name__)
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -176,12 +180,15 @@ class TokenPackerProcessor(ProcessorMixin):
         with_offsets = options["return_offsets_mapping"]
         if with_offsets and not getattr(self.tokenizer, "is_fast", False):
             raise ValueError("return_offsets_mapping (and return_assistant_tokens_mask) need a fast tokenizer.")
+        boundary = self.image_boundary()
         encoded, used = [], 0
         for index, prompt in enumerate(prompts):
             expansions = [self.image_expansion(grid) for grid in grids[used: used + counts[index]]]
             used += counts[index]
             ids, offsets, replacements = encode_prompt(self.tokenizer, prompt, self.image_token, expansions,
-                                                       options["add_special_tokens"], with_offsets)
+                                                       options["add_special_tokens"], with_offsets, boundary)
+            if options["return_text_replacement_offsets"]:
+                self._check_replacements(expansions, replacements, boundary)
             max_length = options["max_length"] or self._model_max_length()
             if options["truncation"] not in (False, None, "do_not_truncate") and max_length is not None:
                 ids, offsets = truncate(ids, offsets, max_length, self.tokenizer.truncation_side,
@@ -222,12 +229,67 @@ class TokenPackerProcessor(ProcessorMixin):
         ids = self.image_placeholder_ids(grid)
         return ids, "".join(self.tokenizer.convert_ids_to_tokens(ids))
 
+    def image_boundary(self):
+        """`(ids, text)` that the original's chunk-wise tokenization puts between an image and the newline after it
+        but a tokenization of the whole prompt leaves out; `((), "")` when the two agree.
+
+        A SentencePiece-style tokenizer that writes its `▁` prefix only at the start of a text (LLaMA's with
+        `legacy=False`, as converted checkpoints have) starts the chunk after `<image>` with a lone `▁` that the
+        whole prompt does not have there. Every image's replacement text ends with that text, so a serving stack
+        that tokenizes the prompt whole and encodes each replacement on its own (vLLM) gets the original's ids for
+        every `<image>` followed by a newline, as the chat template and LLaVA prompts write it."""
+        tokenizer = self.tokenizer
+        alone = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
+        whole = list(tokenizer(self.image_token + "\n", add_special_tokens=False)["input_ids"])[1:]
+        extra = alone[: len(alone) - len(whole)]
+        if not whole or not extra or alone[len(extra):] != whole:
+            return (), ""
+        text = "".join(tokenizer.convert_ids_to_tokens(extra))
+        encoded = list(tokenizer(self.image_token + text + "\n", add_special_tokens=False)["input_ids"])[1:]
+        return (tuple(extra), text) if encoded == alone else ((), "")
+
     def replace_image_token(self, image_inputs, image_idx, **kwargs):
         """The text image `image_idx` of `image_inputs` (an image-processor output) takes in the expanded prompt
-        (transformers 5.x's replacement hook)."""
+        (transformers 5.x's replacement hook): its tokens' text, then `image_boundary()`'s."""
         grids = image_inputs.get("image_grids") if isinstance(image_inputs, dict) else None
         grid = None if grids is None else tuple(int(v) for v in grids[image_idx])
-        return self.image_expansion(grid)[1]
+        return self.image_expansion(grid)[1] + self.image_boundary()[1]
+
+    def _check_replacements(self, expansions, replacements, boundary):
+        """Warn once when a replacement text, tokenized on its own as vLLM does, does not give the image's ids (a
+        tokenizer that writes `▁` before every text turns HD's `,` separator into `▁,`)."""
+        for (ids, _), entry in zip(expansions, replacements):
+            encoded = list(self.tokenizer(entry["replacement"], add_special_tokens=False)["input_ids"])
+            if encoded != list(ids) + list(boundary[0]):
+                changed = sorted(set(self.tokenizer.convert_ids_to_tokens(sorted(set(encoded) - set(ids)))))
+                logger.warning_once(
+                    "An image's replacement text, tokenized on its own (as vLLM does), gives other ids than the "
+                    f"image stands for (new tokens {changed[:5]}): served that way the language model sees other "
+                    "separator ids than the original's. A tokenizer that adds '▁' only at the start of a text "
+                    "(LLaMA's legacy=False) gives the same ids."
+                )
+                return
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        """Per image of `image_sizes` (`(height, width)` pairs), what serving stacks (vLLM) ask of transformers'
+        processors: `num_image_tokens`, the image-token positions its placeholder becomes (its blocks' packed
+        tokens; HD's separators are text tokens), and `num_image_patches`, its rows of `pixel_values` (1, or in
+        'slice' mode the grid's blocks plus the global view when there is more than one). `image_aspect_ratio`
+        and `patch_num` as in a call."""
+        _, image_options = split_options(kwargs, type(self).__name__)
+        mode = image_options.get("image_aspect_ratio") or self.image_processor.image_aspect_ratio
+        patch_num = image_options.get("patch_num")
+        tokens, patches = [], []
+        for height, width in image_sizes or ():
+            blocks = 1
+            if mode == "slice":
+                rows, cols = self.image_processor.slice_grid(int(height), int(width), patch_num)
+                blocks = rows * cols + (1 if rows * cols > 1 else 0)
+            tokens.append(blocks * self.image_seq_length)
+            patches.append(blocks)
+        # transformers' own container where the release has one (5.x), else a dict with the same keys (4.x).
+        container = getattr(processing_utils, "MultiModalData", dict)
+        return container(num_image_tokens=tokens, num_image_patches=patches)
 
     def apply_chat_template(self, conversation, *args, **kwargs):
         """As `ProcessorMixin.apply_chat_template`, after checking that `conversation` is a non-empty list of

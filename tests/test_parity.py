@@ -107,10 +107,12 @@ def converted(request, originals, tmp_path_factory, pad_reference):
     del model
 
 
-def test_chat_template_renders_the_original_prompt(converted):
+def test_chat_template_renders_the_original_prompt_after_the_bos_text(converted):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image briefly."}]}]
-    rendered = converted["processor"].apply_chat_template(messages, add_generation_prompt=True)
-    assert rendered == converted["prompt"]
+    processor = converted["processor"]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered == processor.tokenizer.bos_token + " " + converted["prompt"]
+    assert processor.tokenize_with_images(rendered) == processor.tokenize_with_images(converted["prompt"])
 
 
 def test_input_ids_equal_the_original_with_the_placeholder_expanded(converted, pad_reference):

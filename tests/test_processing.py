@@ -258,7 +258,14 @@ def test_unpadded_batch_of_different_lengths_cannot_become_a_tensor(processor, i
 
 def test_chat_template_single_turn_is_the_original_vicuna_v1_prompt(processor):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    assert processor.apply_chat_template(messages, add_generation_prompt=True) == VICUNA_PROMPT
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
+    # The BOS text and a space lead (vLLM tokenizes rendered chats without special tokens; the space stands
+    # for the word prefix SentencePiece writes at the start of a text only); the processor adds no second BOS.
+    assert rendered == "<s> " + VICUNA_PROMPT
+    image = Image.new("RGB", (32, 24))
+    assert processor(text=rendered, images=image)["input_ids"] == processor(text=VICUNA_PROMPT, images=image)["input_ids"]
+    written = processor(text=rendered, images=image, add_special_tokens=False)["input_ids"][0]
+    assert written[0] == processor.tokenizer.bos_token_id and written.count(processor.tokenizer.bos_token_id) == 1
 
 
 def test_chat_template_multi_turn_uses_space_after_user_and_eos_after_assistant(processor):
@@ -267,11 +274,11 @@ def test_chat_template_multi_turn_uses_space_after_user_and_eos_after_assistant(
         {"role": "assistant", "content": [{"type": "text", "text": "A1"}]},
         {"role": "user", "content": [{"type": "text", "text": "Q2"}]},
     ]
-    expected = f"{VICUNA_SYSTEM} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
+    expected = f"<s> {VICUNA_SYSTEM} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == expected
     # Without the generation prompt a conversation ending on an assistant turn ends with its '</s>'.
     closed = processor.apply_chat_template(messages[:2], add_generation_prompt=False)
-    assert closed == f"{VICUNA_SYSTEM} USER: <image>\nQ1 ASSISTANT: A1</s>"
+    assert closed == f"<s> {VICUNA_SYSTEM} USER: <image>\nQ1 ASSISTANT: A1</s>"
 
 
 def test_chat_template_system_message_replaces_default_system_text(processor):
@@ -280,7 +287,7 @@ def test_chat_template_system_message_replaces_default_system_text(processor):
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert text == f"You answer in one word. USER: <image>\n{QUESTION} ASSISTANT:"
+    assert text == f"<s> You answer in one word. USER: <image>\n{QUESTION} ASSISTANT:"
     assert VICUNA_SYSTEM not in text
 
 
@@ -292,7 +299,7 @@ def test_chat_template_accepts_string_content(processor):
         {"role": "user", "content": "Q2"},
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert text == "Be brief. USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
+    assert text == "<s> Be brief. USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
 
 
 def test_chat_template_unknown_role_raises(processor):
@@ -360,7 +367,7 @@ def test_save_load_round_trip_keeps_settings_and_input_ids(tmp_path, tokenizer, 
     assert torch.equal(after["attention_mask"], before["attention_mask"])
     assert torch.equal(after["pixel_values"], before["pixel_values"])
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    assert loaded.apply_chat_template(messages, add_generation_prompt=True) == VICUNA_PROMPT
+    assert loaded.apply_chat_template(messages, add_generation_prompt=True) == "<s> " + VICUNA_PROMPT
 
 
 def test_custom_image_token_survives_save_load(tmp_path, small_image):
