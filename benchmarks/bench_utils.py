@@ -20,6 +20,19 @@ MATPLOTLIB_MISSING = "matplotlib not installed, skipping plot (pip install matpl
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Dims of the vLLM and training-step benchmarks. "cpu": CLIP-L/336's grid and depth with narrow layers and a 4-layer
+# LLaMA (head_dim 64: vLLM's CPU attention needs at least 32); "7b": CLIP ViT-L/14-336 + Vicuna-7B (for a GPU).
+SMALL_LM_SIZES = {
+    "cpu": {"vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 24, "num_attention_heads": 2},
+            "text": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
+                     "num_key_value_heads": 8},
+            "projector_hidden_size": 256, "projector_num_heads": 2},
+    "7b": {"vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+           "text": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                    "num_key_value_heads": 32},
+           "projector_hidden_size": 1024, "projector_num_heads": 8},
+}
+
 
 def cpu_model():
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what `platform` knows."""

@@ -30,16 +30,7 @@ bench_utils.add_repo_to_path()
 sys.path.insert(0, os.path.join(bench_utils.REPO_ROOT, "tests"))
 
 VARIANTS = {"mlp2x_gelu": None, "tokenpacker_s2": 2, "tokenpacker_s3": 3, "tokenpacker_s4": 4}
-SIZES = {
-    "cpu": {"vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 24, "num_attention_heads": 2},
-            "text": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
-                     "num_key_value_heads": 8},
-            "projector_hidden_size": 256, "projector_num_heads": 2},
-    "7b": {"vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
-           "text": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-                    "num_key_value_heads": 32},
-           "projector_hidden_size": 1024, "projector_num_heads": 8},
-}
+SIZES = bench_utils.SMALL_LM_SIZES
 REPLY = "The picture shows a red circle on a background that fades from green on the left to blue at the bottom."
 
 

@@ -30,21 +30,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
 SENTENCEPIECE_DIR = os.path.join(REPO_ROOT, "tests", "fixtures", "tokenizer")
+sys.path.insert(0, HERE)
+import bench_utils  # noqa: E402
+
 VARIANTS = {"mlp2x_gelu": None, "tokenpacker_s2": 2, "tokenpacker_s3": 3, "tokenpacker_s4": 4}
-# "cpu": CLIP-L/336's grid and depth with narrow layers, a 4-layer LLaMA (head_dim 64: vLLM's CPU attention needs
-# at least 32). "7b": CLIP ViT-L/14-336 + Vicuna-7B, the released TokenPacker-7b dims (for a GPU).
-SIZES = {
-    "cpu": {"vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 24, "num_attention_heads": 2},
-            "text": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
-                     "num_key_value_heads": 8},
-            "projector_hidden_size": 256, "projector_num_heads": 2},
-    "7b": {"vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
-           "text": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-                    "num_key_value_heads": 32},
-           "projector_hidden_size": 1024, "projector_num_heads": 8},
-}
+SIZES = bench_utils.SMALL_LM_SIZES
 QUESTIONS = ["What is in the image?", "Describe the image briefly.", "What colour is the circle?",
              "Where is the circle?", "Is the picture dark or bright?", "Describe the background."]
+
+
 def child(phase, args, *extra, with_repo=False):
     """Run `phase` of this script in a fresh process; with_repo puts the repository on its path (build only)."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -254,9 +248,6 @@ def report(args):
     import torch
     import transformers
     import vllm
-
-    sys.path.insert(0, HERE)
-    import bench_utils
 
     requests = load_requests(args)
     with open(os.path.join(args.work_dir, "reference.json")) as handle:

@@ -11,9 +11,10 @@ from modeling_tokenpacker.demo import synthesize_image
 
 PROMPTS = ["USER: <image>\nWhat is in the image? ASSISTANT:", "USER: <image>\nDescribe it. ASSISTANT:"]
 
-CHILD = textwrap.dedent(
+# The first lines of every fresh-process child: importing this package fails there, as on a user's machine.
+BLOCK_PACKAGE = textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import importlib.abc, json, re, sys
 
     class BlockPackage(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -22,6 +23,11 @@ CHILD = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, BlockPackage())
+    """
+)
+
+CHILD = BLOCK_PACKAGE + textwrap.dedent(
+    """
     import torch
     from PIL import Image
     from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,

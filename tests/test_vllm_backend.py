@@ -19,6 +19,7 @@ import pytest
 
 from llama_processor import make_processor, sentencepiece_tokenizer
 from modeling_tokenpacker.demo import build_tiny_model, build_tiny_tokenizer, synthesize_image
+from test_remote_code import BLOCK_PACKAGE
 
 PROMPT = "A chat. USER: <image>\nDescribe the image briefly. ASSISTANT:"
 TWO_IMAGES = "USER: <image>\nCompare this picture <image>\nwith that one. ASSISTANT:"
@@ -123,17 +124,8 @@ def test_num_multimodal_tokens_match_what_the_processor_produces(mode, patch_num
     assert sum(counts["num_image_tokens"]) == image_tokens
 
 
-CHILD = textwrap.dedent(
+CHILD = BLOCK_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, json, re, sys
-
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "modeling_tokenpacker":
-                raise ImportError("modeling_tokenpacker must not be importable here")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
     import torch
     from PIL import Image
     from safetensors.torch import load_file
