@@ -108,7 +108,8 @@ def encode_prompt(tokenizer, prompt, placeholder, expansions, add_special_tokens
         encoded = tokenizer(chunk, add_special_tokens=True, return_offsets_mapping=with_offsets)
         chunk_ids = list(encoded["input_ids"])
         chunk_offsets = [tuple(pair) for pair in encoded["offset_mapping"]] if with_offsets else [(0, 0)] * len(chunk_ids)
-        written_bos = index == 0 and bos is not None and chunk.startswith(tokenizer.bos_token) and chunk_ids[:2] == [bos, bos]
+        written_bos = (index == 0 and bos is not None and chunk.startswith(tokenizer.bos_token)
+                       and chunk_ids[:2] == [bos, bos])
         if bos is not None and chunk_ids[:1] == [bos] and (index > 0 or not add_special_tokens or written_bos):
             chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
         lead = len(boundary_ids) if index > 0 and boundary_ids and chunk_ids[:len(boundary_ids)] == boundary_ids else 0

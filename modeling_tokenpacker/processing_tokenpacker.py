@@ -8,8 +8,8 @@ import json
 import os
 
 import transformers
-from transformers.feature_extraction_utils import BatchFeature
 from transformers import processing_utils
+from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
@@ -287,7 +287,7 @@ class TokenPackerProcessor(ProcessorMixin):
                 blocks = rows * cols + (1 if rows * cols > 1 else 0)
             tokens.append(blocks * self.image_seq_length)
             patches.append(blocks)
-        # transformers' own container where the release has one (5.x), else a dict with the same keys (4.x).
+        # transformers' own container where the release has one (4.52 on), else a dict with the same keys.
         container = getattr(processing_utils, "MultiModalData", dict)
         return container(num_image_tokens=tokens, num_image_patches=patches)
 
