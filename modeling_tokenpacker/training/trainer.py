@@ -152,7 +152,7 @@ def main(argv=None):
         projector_lr=model_args.projector_lr)
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise SystemExit("--fsdp was given but accelerate did not enable FSDP: it does so only on accelerators "
-                         "(CUDA, XPU, NPU, HPU, ...), and on the CPU it would train with plain DDP instead.")
+                         "(CUDA, XPU, NPU, HPU, ...), and on the CPU it would train without it (with DDP or in one process).")
     if trainer.is_world_process_zero():
         engine = ("FSDP" if trainer.is_fsdp_enabled else "DeepSpeed" if trainer.is_deepspeed_enabled
                   else "DDP" if training_args.world_size > 1 else "one process")
