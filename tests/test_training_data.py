@@ -140,3 +140,14 @@ def test_left_padding_puts_the_pads_first(tokenizer):
     batch = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [tokenizer.pad_token_id] * 2 + [8]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]] and "pixel_values" not in batch
+
+
+def test_datasets_image_bytes_are_decoded_and_broken_bytes_named(tokenizer, image_folder):
+    builder = ExampleBuilder(make_processor(tokenizer, "pad"))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": REPLY}]
+    png = (image_folder / "a.png").read_bytes()
+    example = builder({"id": "d1", "messages": messages, "images": [{"bytes": png, "path": None}]}, 0)
+    assert example["pixel_values"].shape == (1, 3, 336, 336)
+    with pytest.raises(SampleError, match="sample d2: the image cannot be read"):
+        builder({"id": "d2", "messages": messages, "images": [{"bytes": b"junk", "path": None}]}, 0)

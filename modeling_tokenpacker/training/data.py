@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from transformers.utils import logging
 
+from ..image_processing_common import to_rgb_image
 from .labels import IGNORE_INDEX, VICUNA_V1_SYSTEM, LabelBuilder, SampleError
 
 logger = logging.get_logger(__name__)
@@ -85,24 +86,21 @@ def message_text(content, image_token, sample_id):
 
 
 def open_image(image, image_folder, sample_id):
-    """A PIL image in RGB from a path (relative to image_folder), a PIL image or a datasets `{"bytes", "path"}`."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image from a path (relative to image_folder), a datasets `{"bytes", "path"}` dict or anything the
+    processor takes, by the processor's own image rules (`to_rgb_image`); a SampleError naming the sample."""
+    from PIL import Image
 
+    if isinstance(image, dict) and not image.get("bytes"):
+        image = image.get("path")
+    if isinstance(image, str) and "://" not in image and not image.startswith("data:"):
+        path = image if os.path.isabs(image) or image_folder is None else os.path.join(image_folder, image)
+        if not os.path.isfile(path):
+            raise SampleError(f"sample {sample_id}: image file {path} does not exist.")
+        image = path
     try:
-        if isinstance(image, dict):
-            image = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
-        if isinstance(image, str):
-            path = image if os.path.isabs(image) or image_folder is None else os.path.join(image_folder, image)
-            if not os.path.isfile(path):
-                raise SampleError(f"sample {sample_id}: image file {path} does not exist.")
-            image = path
-        if not isinstance(image, Image.Image):
-            image = Image.open(image)
-        return image.convert("RGB")
-    except SampleError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, TypeError) as error:
-        raise SampleError(f"sample {sample_id}: the image cannot be read ({type(error).__name__}: {error}).") from None
+        return to_rgb_image(Image.open(io.BytesIO(image["bytes"])) if isinstance(image, dict) else image)
+    except (ValueError, TypeError, OSError) as error:
+        raise SampleError(f"sample {sample_id}: the image cannot be read ({error}).") from None
 
 
 class ExampleBuilder:

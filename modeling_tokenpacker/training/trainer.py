@@ -10,7 +10,8 @@
 adapters on the language model's linear layers and the whole projector; `--load_in_4bit` for QLoRA), `vicuna_v1`
 labels. The output folder is a self-contained checkpoint (weights, remote code, processor, chat template; LoRA
 merged into the weights), and `--resume_from_checkpoint` continues a run from its `checkpoint-N` folders. Runs
-under `torchrun` / `accelerate launch` with DDP, FSDP or a DeepSpeed config as `TrainingArguments` takes them.
+under `torchrun` / `accelerate launch` with DDP, FSDP (on accelerators: accelerate enables it nowhere else, and
+`--fsdp` on the CPU is refused) or a DeepSpeed config, as `TrainingArguments` takes them.
 """
 
 import dataclasses
@@ -19,6 +20,8 @@ import sys
 from typing import Optional
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
 
 from .collator import TokenPackerDataCollator
@@ -78,7 +81,9 @@ class TokenPackerTrainer(Trainer):
 
 def load_model(model_args, training_args):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    kwargs = {"trust_remote_code": True, "dtype": dtype}
+    # `dtype` from transformers 4.56 on, `torch_dtype` before (setup.cfg allows 4.46).
+    dtype_name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    kwargs = {"trust_remote_code": True, dtype_name: dtype}
     if model_args.load_in_4bit:
         if not model_args.lora_r:
             raise SystemExit("--load_in_4bit trains LoRA adapters (QLoRA): give --lora_r too.")
