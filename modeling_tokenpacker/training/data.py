@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, IterableDataset
 from transformers.utils import logging
 
 from ..image_processing_common import to_rgb_image
+from .grouping import estimated_length, modality_length
 from .labels import IGNORE_INDEX, VICUNA_V1_SYSTEM, LabelBuilder, SampleError
 
 logger = logging.get_logger(__name__)
@@ -164,6 +165,28 @@ class ConversationDataset(Dataset):
 
     def __len__(self):
         return len(self.rows)
+
+    @property
+    def lengths(self):
+        """The original's cheap length estimate of every sample (words + 128 with an image); no image is opened."""
+        return [estimated_length(turns, has_image) for turns, has_image in self._texts()]
+
+    @property
+    def modality_lengths(self):
+        """Word counts, positive for image samples and negative for text-only ones (`group_by_modality_length`)."""
+        return [modality_length(turns, has_image) for turns, has_image in self._texts()]
+
+    def _texts(self):
+        """`(turns, has_image)` of every row, read without decoding images: a LLaVA row has an image when it has an
+        'image' key (as the original counts), a `messages` row when its text has an image placeholder."""
+        rows = self.rows
+        if "images" in (getattr(rows, "column_names", None) or ()):
+            rows = rows.select_columns([name for name in rows.column_names if name != "images"])
+        image_token = self.builder.processor.image_token
+        for index, row in enumerate(rows):
+            _, turns, _, images = turns_from_row(row, image_token, index)
+            has_image = "image" in row if "conversations" in row else any(image_token in t for _, t in turns)
+            yield turns, has_image
 
     def __getitem__(self, index):
         for offset in range(len(self.rows)):

@@ -9,9 +9,10 @@
 `--stage finetune`: vision tower frozen, projector and language model trained (or, with `--lora_r N`, LoRA
 adapters on the language model's linear layers and the whole projector; `--load_in_4bit` for QLoRA), `vicuna_v1`
 labels. The output folder is a self-contained checkpoint (weights, remote code, processor, chat template; LoRA
-merged into the weights), and `--resume_from_checkpoint` continues a run from its `checkpoint-N` folders. Runs
-under `torchrun` / `accelerate launch` with DDP, FSDP (on accelerators: accelerate enables it nowhere else, and
-`--fsdp` on the CPU is refused) or a DeepSpeed config, as `TrainingArguments` takes them.
+merged into the weights), and `--resume_from_checkpoint` continues a run from its `checkpoint-N` folders.
+`--group_by_modality_length true` samples batches of one modality and similar length as the original. Runs under
+`torchrun` / `accelerate launch` with DDP, FSDP (on accelerators: accelerate enables it nowhere else, and `--fsdp` on
+the CPU is refused) or a DeepSpeed config, as `TrainingArguments` takes them.
 """
 
 import dataclasses
@@ -26,6 +27,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentP
 
 from .collator import TokenPackerDataCollator
 from .data import ConversationDataset, ExampleBuilder
+from .grouping import ModalityLengthGroupedSampler
 
 STAGE_TEMPLATES = {"pretrain": "plain", "finetune": "vicuna_v1"}
 LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -53,15 +55,32 @@ class DataArguments:
     model_max_length: int = 2048
     on_bad_sample: str = dataclasses.field(default="raise", metadata={"help": "raise or skip"})
     truncate: bool = dataclasses.field(default=True, metadata={"help": "cut long samples as the original does"})
+    group_by_modality_length: bool = dataclasses.field(default=False, metadata={
+        "help": "batches of one modality (image or text-only) and similar estimated length, as the original"})
 
 
 class TokenPackerTrainer(Trainer):
     """`Trainer` whose optimizer gives the projector its own learning rate (the groups Trainer builds, with the
-    projector's parameters moved into groups of their own)."""
+    projector's parameters moved into groups of their own) and that, with `group_by_modality_length`, samples
+    batches as the original's `LengthGroupedSampler(group_by_modality=True)` does (`grouping.py`)."""
 
-    def __init__(self, *args, projector_lr=None, **kwargs):
+    def __init__(self, *args, projector_lr=None, group_by_modality_length=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        self.group_by_modality_length = group_by_modality_length
+
+    def _get_train_sampler(self, *args, **kwargs):
+        # Trainer's hook: no argument up to transformers 4.5x, `train_dataset` since.
+        dataset = (args[0] if args else kwargs.get("train_dataset")) or self.train_dataset
+        if not self.group_by_modality_length:
+            return super()._get_train_sampler(*args, **kwargs)
+        if not hasattr(dataset, "modality_lengths"):
+            raise ValueError("group_by_modality_length needs a dataset with `modality_lengths` (ConversationDataset); "
+                             f"got {type(dataset).__name__}.")
+        # The original's world size: processes x gradient accumulation steps, so every optimizer step is grouped.
+        return ModalityLengthGroupedSampler(
+            dataset.modality_lengths, self.args.train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
@@ -154,7 +173,7 @@ def main(argv=None):
     trainer = TokenPackerTrainer(
         model=model, args=training_args, train_dataset=ConversationDataset(data_args.data_path, builder),
         data_collator=TokenPackerDataCollator.from_processor(processor, padding_side="right"),
-        projector_lr=model_args.projector_lr)
+        projector_lr=model_args.projector_lr, group_by_modality_length=data_args.group_by_modality_length)
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise SystemExit("--fsdp was given but accelerate did not enable FSDP: it does so only on accelerators "
                          "(CUDA, XPU, NPU, HPU, ...), and on the CPU it would train without it (with DDP or in one process).")
