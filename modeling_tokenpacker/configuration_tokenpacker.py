@@ -7,7 +7,7 @@ but sibling modules, and works from transformers 4.46 to 5.x (see design.md §5)
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-PROJECTOR_TYPES = ("tokenpacker", "mlp2x_gelu")
+PROJECTOR_TYPES = ("tokenpacker", "mlp2x_gelu", "avg_pool", "resampler")
 
 # One class holds one auto class, so the full map is written explicitly (design.md §5).
 AUTO_MAP = {
@@ -80,7 +80,9 @@ class TokenPackerConfig(PretrainedConfig):
         text_config (`dict` or `PretrainedConfig`, *optional*):
             The language model's config (Vicuna-7B dims by default). A dict needs a `model_type`.
         projector_type (`str`, *optional*, defaults to `"tokenpacker"`):
-            `"tokenpacker"` (region-to-point injection) or `"mlp2x_gelu"` (LLaVA-1.5's projector, all tokens kept).
+            `"tokenpacker"` (region-to-point injection), `"mlp2x_gelu"` (LLaVA-1.5's projector, all tokens kept), or
+            a naive compression to TokenPacker's budget for comparison: `"avg_pool"` (each `s x s` region averaged,
+            then the MLP) or `"resampler"` (`(g/s)^2` learned queries attending over every patch, then the MLP).
         scale_factor (`int`, *optional*, defaults to 2):
             Down-sampling factor `s` of the patch grid: a `g x g` grid becomes `(g/s) x (g/s)` point queries, each
             attending to its own `s x s` region. 2, 3 and 4 give 144, 64 and 36 tokens for a 24 x 24 grid.
@@ -194,9 +196,9 @@ class TokenPackerConfig(PretrainedConfig):
                     f"{name} contains {layer}, outside the vision tower's hidden states: expected an index in "
                     f"[{-(depth + 1)}, {depth}] for {depth} layers."
                 )
-        if self.projector_type != "tokenpacker":
+        if self.projector_type == "mlp2x_gelu":
             return
-        if not self.region_feature_layers:
+        if self.projector_type == "tokenpacker" and not self.region_feature_layers:
             raise ValueError("region_feature_layers must name at least one vision layer; got an empty list.")
         if self.scale_factor < 1 or self.grid_size % self.scale_factor:
             raise ValueError(
@@ -206,7 +208,7 @@ class TokenPackerConfig(PretrainedConfig):
             )
         if self.vision_feature_select_strategy != "default":
             raise ValueError(
-                "The tokenpacker projector needs the patch grid without the CLS token: "
+                f"The {self.projector_type} projector needs the patch grid without the CLS token: "
                 f"vision_feature_select_strategy must be 'default'; got {self.vision_feature_select_strategy!r}."
             )
         if self.projector_num_heads < 1 or self.projector_hidden_size % self.projector_num_heads:

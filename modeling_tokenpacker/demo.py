@@ -33,7 +33,7 @@ TINY_CORPUS = (
 )
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(corpus=TINY_CORPUS):
     """A LLaMA-like fast tokenizer (BPE, `▁` word prefix, BOS added) trained in-process on a tiny corpus, with
     `<image>` and `<pad>` added as special tokens; left padding for generation. No byte fallback: every id decodes
     to visible text, so a random model's answer is never empty."""
@@ -44,7 +44,7 @@ def build_tiny_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tokenizer.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
+    tokenizer.train_from_iterator([corpus] * 4, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -57,13 +57,15 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_model(tokenizer, projector_type="tokenpacker", scale_factor=2, text_config=None, seed=0):
-    """A random TokenPacker model: CLIP-shaped vision tower (336 px, patch 14, 24 layers of width 64), projector of
-    width 64, LLaMA with 2 layers of width 64 (or `text_config`). Seconds to build, a few MB."""
+def build_tiny_model(tokenizer, projector_type="tokenpacker", scale_factor=2, text_config=None, seed=0,
+                     vision_config=None, **config_kwargs):
+    """A random TokenPacker model: CLIP-shaped vision tower (336 px, patch 14, 24 layers of width 64, or
+    `vision_config`), projector of width 64, LLaMA with 2 layers of width 64 (or `text_config`); `config_kwargs` go
+    to `TokenPackerConfig` (e.g. `region_feature_layers` for another tower depth). Seconds to build, a few MB."""
     from modeling_tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration
 
     vocab_size = len(tokenizer)
-    vision_config = {
+    default_vision_config = {
         "model_type": "clip_vision_model",
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -82,6 +84,7 @@ def build_tiny_model(tokenizer, projector_type="tokenpacker", scale_factor=2, te
         "num_key_value_heads": 2,
         "max_position_embeddings": 1024,
     }
+    vision_config = dict(vision_config or default_vision_config)
     text_config = dict(text_config or default_text_config)
     text_config.update(
         vocab_size=vocab_size,
@@ -94,12 +97,11 @@ def build_tiny_model(tokenizer, projector_type="tokenpacker", scale_factor=2, te
         text_config=text_config,
         projector_type=projector_type,
         scale_factor=scale_factor,
-        projector_hidden_size=64,
-        projector_num_heads=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **{"projector_hidden_size": 64, "projector_num_heads": 2, **config_kwargs},
     )
     torch.manual_seed(seed)
     model = TokenPackerForConditionalGeneration(config).eval()

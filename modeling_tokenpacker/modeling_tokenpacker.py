@@ -195,7 +195,7 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         config = self.config
         layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        if strategy not in ("default", "full") or (strategy == "full" and config.projector_type == "tokenpacker"):
+        if strategy not in ("default", "full") or (strategy == "full" and config.projector_type != "mlp2x_gelu"):
             raise ValueError(
                 f"vision_feature_select_strategy must be 'default' or, for mlp2x_gelu only, 'full'; got {strategy!r} "
                 f"for projector_type {config.projector_type!r}."
@@ -208,7 +208,7 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         hidden_states = outputs.hidden_states
         start = 1 if strategy == "default" else 0
         image_features = hidden_states[layer][:, start:]
-        if config.projector_type == "mlp2x_gelu":
+        if config.projector_type != "tokenpacker":  # mlp2x_gelu, avg_pool, resampler: one layer's features
             return outputs, self.multi_modal_projector(image_features)
         region_features = torch.cat([hidden_states[index][:, start:] for index in config.region_feature_layers], -1)
         return outputs, self.multi_modal_projector(image_features, region_features)

@@ -53,8 +53,12 @@ def describe_config(config):
     if config.projector_type == "tokenpacker":
         projector = (f"the TokenPacker projector (scale factor {config.scale_factor}: {config.image_seq_length} visual "
                      f"tokens per {config.vision_config.image_size}-px block instead of {grid * grid})")
-    else:
+    elif config.projector_type == "mlp2x_gelu":
         projector = f"LLaVA-1.5's `mlp2x_gelu` projector ({config.image_seq_length} visual tokens per image)"
+    else:
+        naive = {"avg_pool": "average pooling", "resampler": "a learned-query resampler"}[config.projector_type]
+        projector = (f"a baseline projector, {naive} followed by an MLP ({config.image_seq_length} visual tokens per "
+                     f"{config.vision_config.image_size}-px block instead of {grid * grid})")
     mode = config.image_aspect_ratio
     if mode == "slice":
         mode = f"`slice` (TokenPacker-HD: up to {config.patch_num} blocks plus a global view per image)"

@@ -1,4 +1,6 @@
-"""TokenPacker's projector: region-to-point injection (arXiv 2407.02392), and LLaVA-1.5's MLP for the baseline.
+"""TokenPacker's projector: region-to-point injection (arXiv 2407.02392); LLaVA-1.5's MLP for the 576-token
+baseline; and two naive compressions at TokenPacker's budgets for comparison (average pooling, a learned-query
+resampler).
 
 Shipped inside checkpoints as remote code with modeling_tokenpacker.py: imports only torch, transformers and
 sibling modules.
@@ -152,10 +154,69 @@ class TokenPackerProjector(nn.Module):
         return self.output_mlp(self.attention(query, key, value))
 
 
+class AveragePoolProjector(nn.Module):
+    """The naive compression: each `s x s` region of the patch grid averaged, then LLaVA-1.5's MLP:
+    `[B, g*g, C]` -> `[B, g'*g', H]` (`g' = g / scale_factor`, the same budget as TokenPacker)."""
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__()
+        self.grid_size = config.grid_size
+        self.scale_factor = config.scale_factor
+        self.mlp = TokenPackerMLP(config.vision_config.hidden_size, config.text_config.hidden_size,
+                                  config.projector_hidden_act)
+
+    def forward(self, image_features):
+        batch, _, channels = image_features.shape
+        grid = image_features.reshape(batch, self.grid_size, self.grid_size, channels).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(grid, self.scale_factor)
+        return self.mlp(pooled.flatten(2).transpose(1, 2))
+
+
+class ResamplerProjector(nn.Module):
+    """A learned-query resampler (Perceiver / Q-Former style): `(g/s)^2` learned queries attend, with
+    `projector_num_heads` heads, over every patch of the grid (keys and values: LayerNorm of a linear map of the
+    patch features), then LLaVA-1.5's MLP: `[B, g*g, C]` -> `[B, (g/s)^2, H]`, TokenPacker's budget without its
+    point queries and regions."""
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__()
+        embed_dim = config.projector_hidden_size
+        eps = config.projector_layer_norm_eps
+        self.num_heads = config.projector_num_heads
+        self.queries = nn.Parameter(torch.randn(config.image_seq_length, embed_dim) * embed_dim**-0.5)
+        self.query_norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.kv_proj = nn.Linear(config.vision_config.hidden_size, embed_dim, bias=False)
+        self.kv_norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_mlp = TokenPackerMLP(embed_dim, config.text_config.hidden_size, config.projector_hidden_act)
+
+    def forward(self, image_features):
+        batch, patches, _ = image_features.shape
+        embed_dim = self.queries.shape[-1]
+        head_dim = embed_dim // self.num_heads
+        kv = self.kv_norm(self.kv_proj(image_features))
+        queries = self.query_norm(self.queries).to(kv.dtype).expand(batch, -1, -1)
+
+        def heads(x):
+            return x.reshape(batch, x.shape[1], self.num_heads, head_dim).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(heads(self.q_proj(queries)), heads(self.k_proj(kv)),
+                                                  heads(self.v_proj(kv)))
+        attended = attended.transpose(1, 2).reshape(batch, -1, embed_dim)
+        return self.output_mlp(self.out_proj(attended))
+
+
 def build_projector(config: TokenPackerConfig):
     """The projector named by `config.projector_type`."""
     if config.projector_type == "mlp2x_gelu":
         return TokenPackerMLP(
             config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
         )
+    if config.projector_type == "avg_pool":
+        return AveragePoolProjector(config)
+    if config.projector_type == "resampler":
+        return ResamplerProjector(config)
     return TokenPackerProjector(config)

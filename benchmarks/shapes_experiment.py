@@ -1,0 +1,242 @@
+"""TokenPacker's claim in miniature: accuracy against visual tokens on the shapes task, all projectors trained alike.
+
+    python benchmarks/shapes_experiment.py experiment            # 10 projectors x 3 seeds -> benchmarks/results/
+    python benchmarks/shapes_experiment.py experiment --toy      # a smoke run in seconds (tests/test_shapes.py)
+    python benchmarks/shapes_experiment.py one tokenpacker-144 0 --workdir W   # one variant and seed
+
+Each run builds a random-weights model of one variant (`modeling_tokenpacker.shapes_model.VARIANTS`: the same vision
+tower, language model and tokenizer, only the projector differs), trains everything from scratch with
+`python -m modeling_tokenpacker.train --stage finetune --train_vision_tower true` on the same scenes, steps and
+seed, and answers the test split's questions greedily. Runs go two at a time, one thread each. TTFT (batch 1,
+median of 5) is measured afterwards, one model per variant, alone on the machine. Writes shapes_experiment.json /
+.csv / .png under benchmarks/results (or --results).
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from modeling_tokenpacker import shapes_model, shapes_task
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def recipe(args):
+    return {"train_scenes": args.train_scenes, "test_scenes": args.test_scenes, "steps": args.steps,
+            "batch_size": args.batch_size, "learning_rate": args.learning_rate}
+
+
+def write_split(workdir, split, scenes):
+    """LLaVA JSON of `scenes` scenes of `split` (images rendered once, reused by every run)."""
+    path = workdir / f"{split}_{scenes}.json"
+    if not path.exists():
+        rows = shapes_task.llava_rows(split, scenes, workdir / "images")
+        path.with_suffix(".tmp").write_text(json.dumps(rows))
+        path.with_suffix(".tmp").replace(path)
+    return path
+
+
+def train_command(init, data, images, output, seed, args):
+    return [sys.executable, "-m", "modeling_tokenpacker.train", "--model_name_or_path", str(init),
+            "--stage", "finetune", "--train_vision_tower", "true", "--data_path", str(data),
+            "--image_folder", str(images), "--output_dir", str(output), "--max_steps", str(args.steps),
+            "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
+            "--lr_scheduler_type", "cosine", "--warmup_steps", str(max(1, args.steps // 20)),
+            "--weight_decay", "0", "--logging_steps", str(max(1, args.steps // 10)), "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", "true", "--seed", str(seed), "--data_seed", str(seed),
+            "--dataloader_num_workers", "0", "--model_max_length", "1024"]
+
+
+def train_and_evaluate(variant, seed, workdir, args):
+    """Train one variant from scratch, answer the test questions: -> result dict (accuracy per kind, wall time)."""
+    data = write_split(workdir, "train", args.train_scenes)
+    run = workdir / "runs" / f"{variant}-seed{seed}"
+    shutil.rmtree(run, ignore_errors=True)
+    shapes_model.build_checkpoint(run / "init", variant, seed)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    log = run / "train.log"
+    with open(log, "w") as handle:
+        done = subprocess.run(train_command(run / "init", data, workdir / "images", run / "model", seed, args),
+                              stdout=handle, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"training {variant} seed {seed} failed; see {log}:\n{log.read_text()[-3000:]}")
+    scores = evaluate(run / "model", args.test_scenes, args.threads)
+    return {"variant": variant, "seed": seed, "train_wall_s": round(wall, 1), **scores}
+
+
+def evaluate(folder, test_scenes, threads=1):
+    """Accuracy on `test_scenes` scenes of the test split (every question kind) of the checkpoint in `folder`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.set_num_threads(threads)
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    examples = shapes_task.examples("test", test_scenes)
+    return {"accuracy": shapes_model.accuracy(examples, shapes_model.answer_questions(model, processor, examples)),
+            "visual_tokens": model.config.image_seq_length}
+
+
+def measure_ttft(folder):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    scene = shapes_task.make_scene(shapes_task.SPLIT_SEEDS["test"])
+    question = scene.questions()[0][0]
+    return shapes_model.time_to_first_token(model, processor, scene, question)
+
+
+def summarise(results, ttft):
+    """One row per variant: accuracy mean and spread over seeds (overall and per kind), tokens, TTFT."""
+    rows = []
+    for variant in shapes_model.VARIANTS:
+        runs = [r for r in results if r["variant"] == variant]
+        if not runs:
+            continue
+        row = {"variant": variant, "projector": shapes_model.VARIANTS[variant][0],
+               "visual_tokens": runs[0]["visual_tokens"], "seeds": len(runs)}
+        for kind in ("all", *shapes_task.QUESTION_KINDS):
+            values = [r["accuracy"][kind] for r in runs]
+            row[f"{kind}_mean"] = statistics.fmean(values)
+            row[f"{kind}_std"] = statistics.pstdev(values)
+        row["ttft_ms"] = ttft.get(variant, float("nan")) * 1000
+        row["train_wall_s"] = statistics.fmean(r["train_wall_s"] for r in runs)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows):
+    print("| projector | visual tokens | accuracy (mean ± std, seeds) | colour | shape | count | larger | digit "
+          "| TTFT | train wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        kinds = " | ".join(f"{row[f'{k}_mean']:.3f}" for k in shapes_task.QUESTION_KINDS)
+        print(f"| {row['projector']} | {row['visual_tokens']} | {row['all_mean']:.3f} ± {row['all_std']:.3f} "
+              f"({row['seeds']}) | {kinds} | {row['ttft_ms']:.1f} ms | {row['train_wall_s']:.0f} s |")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for projector, marker in (("tokenpacker", "o"), ("avg_pool", "s"), ("resampler", "^"), ("mlp2x_gelu", "*")):
+        mine = sorted((r for r in rows if r["projector"] == projector), key=lambda r: r["visual_tokens"])
+        if not mine:
+            continue
+        tokens = [r["visual_tokens"] for r in mine]
+        axes[0].errorbar(tokens, [r["all_mean"] for r in mine], yerr=[r["all_std"] for r in mine], marker=marker,
+                         capsize=3, label=projector)
+        axes[1].plot([r["ttft_ms"] for r in mine], [r["all_mean"] for r in mine], marker=marker, label=projector)
+    axes[0].set(xscale="log", xlabel="visual tokens per image", ylabel="test accuracy",
+                title="shapes task: accuracy vs visual tokens")
+    axes[0].set_xticks([36, 64, 144, 576], ["36", "64", "144", "576"])
+    axes[1].set(xlabel="TTFT (ms, batch 1)", ylabel="test accuracy", title="accuracy vs time to first token")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def experiment(args, workdir):
+    write_split(workdir, "train", args.train_scenes)
+    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_in_child, variant, seed, workdir, args) for variant, seed in jobs]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            r = results[-1]
+            print(f"{r['variant']:>16} seed {r['seed']}: accuracy {r['accuracy']['all']:.3f} "
+                  f"(train {r['train_wall_s']:.0f} s)", flush=True)
+    ttft = {variant: measure_ttft(workdir / "runs" / f"{variant}-seed{args.seeds[0]}" / "model")
+            for variant in args.variants}
+    rows = summarise(results, ttft)
+    print_table(rows)
+    args.results.mkdir(parents=True, exist_ok=True)
+    record = {"recipe": recipe(args), "seeds": args.seeds, "machine": machine(), "wall_s": time.perf_counter() - start,
+              "runs": results, "summary": rows}
+    (args.results / "shapes_experiment.json").write_text(json.dumps(record, indent=1))
+    with open(args.results / "shapes_experiment.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if not args.no_plot:
+        plot(rows, args.results / "shapes_experiment.png")
+    return record
+
+
+def run_in_child(variant, seed, workdir, args):
+    """`train_and_evaluate` in a child process (its own torch thread setting and memory)."""
+    out = workdir / "runs" / f"{variant}-seed{seed}.json"
+    command = [sys.executable, os.path.abspath(__file__), "one", variant, str(seed), "--workdir", str(workdir),
+               *common_flags(args)]
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    return json.loads(out.read_text())
+
+
+def common_flags(args):
+    return ["--train-scenes", str(args.train_scenes), "--test-scenes", str(args.test_scenes), "--steps",
+            str(args.steps), "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
+            "--threads", str(args.threads)]
+
+
+def machine():
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["experiment", "one"])
+    parser.add_argument("variant", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("seed", nargs="?", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", default=list(shapes_model.VARIANTS), choices=shapes_model.VARIANTS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train-scenes", type=int, default=2000, help="training scenes (5 questions each)")
+    parser.add_argument("--test-scenes", type=int, default=200, help="test scenes (5 questions each)")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
+    parser.add_argument("--workdir", type=Path, help="data and runs (default: a temporary folder)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--toy", action="store_true", help="tiny sizes: a smoke run of the whole pipeline")
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.train_scenes, args.test_scenes, args.steps, args.batch_size = 4, 2, 2, 4
+        args.seeds = args.seeds[:2]
+    with tempfile.TemporaryDirectory(prefix="shapes_") as scratch:
+        workdir = args.workdir or Path(scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if args.mode == "one":
+            result = train_and_evaluate(args.variant, args.seed, workdir, args)
+            (workdir / "runs" / f"{args.variant}-seed{args.seed}.json").write_text(json.dumps(result))
+            return result
+        return experiment(args, workdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Small models for the shapes task (`shapes_task.py`) trained from scratch, and their evaluation.
+
+Every variant shares one vision tower, language model and tokenizer shape; only the projector differs:
+
+    mlp2x_gelu-576            LLaVA-1.5's MLP, every patch (576 tokens)
+    tokenpacker-144/64/36     TokenPacker at scale 2/3/4
+    avg_pool-144/64/36        average pooling of each s x s region, then the MLP
+    resampler-144/64/36       144/64/36 learned queries over every patch, then the MLP
+
+`build_checkpoint(folder, variant, seed)` writes a random-weights checkpoint (model, processor, chat template) for
+`tokenpacker-train`; `answer_questions` and `accuracy` evaluate a trained one. Not shipped inside checkpoints.
+"""
+
+import re
+import time
+
+import torch
+
+from .shapes_task import corpus
+
+# (projector_type, scale_factor) of each variant.
+VARIANTS = {"mlp2x_gelu-576": ("mlp2x_gelu", 1)}
+for _scale, _tokens in ((2, 144), (3, 64), (4, 36)):
+    for _projector in ("tokenpacker", "avg_pool", "resampler"):
+        VARIANTS[f"{_projector}-{_tokens}"] = (_projector, _scale)
+
+VISION_CONFIG = {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 336, "patch_size": 14,
+                 "projection_dim": 64}
+TEXT_CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024}
+# The point queries and the mlp2x_gelu / avg_pool / resampler input: the last layer; TokenPacker's regions: both.
+VISION_FEATURE_LAYER, REGION_FEATURE_LAYERS = -1, [1, 2]
+
+
+def build_tokenizer():
+    """The demo's BPE tokenizer trained on the task's words (every answer a word of its vocabulary)."""
+    from .demo import TINY_CORPUS, build_tiny_tokenizer
+
+    return build_tiny_tokenizer(TINY_CORPUS + " " + corpus())
+
+
+def build_model(tokenizer, variant, seed=0):
+    """A random-weights model of `variant` (see `VARIANTS`)."""
+    from .demo import build_tiny_model
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}; got {variant!r}.")
+    projector_type, scale_factor = VARIANTS[variant]
+    return build_tiny_model(tokenizer, projector_type, scale_factor, text_config=TEXT_CONFIG, seed=seed,
+                            vision_config=VISION_CONFIG, vision_feature_layer=VISION_FEATURE_LAYER,
+                            region_feature_layers=REGION_FEATURE_LAYERS, projector_num_heads=4)
+
+
+def build_checkpoint(folder, variant, seed=0):
+    """Save a random-weights checkpoint of `variant` with its processor to `folder`; returns the model."""
+    from .demo import build_tiny_processor
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, variant, seed)
+    model.save_pretrained(folder)
+    build_tiny_processor(tokenizer, model.config.image_seq_length).save_pretrained(folder)
+    return model
+
+
+def normalise(text):
+    """An answer as compared with the expected one: its first word, lower case, without punctuation."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return words[0] if words else ""
+
+
+def prompt_for(processor, question):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+@torch.inference_mode()
+def answer_questions(model, processor, examples, batch_size=16, max_new_tokens=4):
+    """Greedy answers to `[(scene, question, ...)]`, in batches (left-padded): -> list of strings."""
+    answers = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        inputs = processor(images=[scene.render() for scene, *_ in chunk],
+                           text=[prompt_for(processor, question) for _, question, *_ in chunk],
+                           return_tensors="pt", padding=True).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def accuracy(examples, answers):
+    """`{"all": fraction right, kind: fraction right, ...}` of `[(scene, question, answer, kind)]`."""
+    right = {}
+    for (_, _, expected, kind), answer in zip(examples, answers):
+        right.setdefault(kind, []).append(normalise(answer) == expected)
+        right.setdefault("all", []).append(normalise(answer) == expected)
+    return {kind: sum(hits) / len(hits) for kind, hits in right.items()}
+
+
+@torch.inference_mode()
+def time_to_first_token(model, processor, scene, question, repeats=5):
+    """Median seconds of the prefill (vision tower, projector, language model over the prompt) of one image prompt
+    and its first greedy token, batch 1."""
+    inputs = processor(images=[scene.render()], text=[prompt_for(processor, question)], return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=1, do_sample=False)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,200 @@
+"""A synthetic vision-language task that needs fine detail: small coloured shapes, one per quadrant, and a small
+digit in the centre, with one-word answers. Deterministic: a scene is a function of its seed alone.
+
+    scene = make_scene(seed)                       # Scene: 4 shapes, a digit; scene.render() -> 336 px PIL image
+    for question, answer, kind in scene.questions(): ...
+    rows = llava_rows(split="train", count=2000, image_folder=FOLDER)   # tokenpacker-train's LLaVA JSON rows
+
+Questions (`QUESTION_KINDS`): the colour or the shape in a quadrant, how many shapes of a kind, which of two
+colours is the larger shape, the digit in the centre. Shapes are 12-40 px on a 336 px image, so a single 14-px
+patch holds most of one, and the digit (16-24 px high, 7-segment) needs its strokes resolved. Splits draw seeds
+from disjoint ranges (`SPLIT_SEEDS`), so no test scene is ever trained on. Not shipped inside checkpoints.
+"""
+
+import dataclasses
+import os
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 336
+BACKGROUND = (236, 236, 236)
+COLOURS = {"red": (215, 35, 35), "green": (35, 160, 55), "blue": (35, 75, 215), "yellow": (235, 195, 20),
+           "purple": (140, 50, 180), "orange": (245, 125, 20)}
+SHAPES = ("circle", "square", "triangle")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+QUESTION_KINDS = ("colour", "shape", "count", "larger", "digit")
+SHAPE_SIZES = (12, 40)
+DIGIT_HEIGHTS = (16, 24)
+# Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
+# f (top left), g (middle).
+SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abged", "3": "abgcd", "4": "fgbc", "5": "afgcd", "6": "afgedc",
+            "7": "abc", "8": "abcdefg", "9": "abcdfg"}
+# Seed ranges of the splits: disjoint, so no scene is in two splits.
+SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
+SPLIT_SIZE = 10_000_000
+FRESH_SEEDS = 30_000_000  # the demo's scenes: beyond every split
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+DESCRIBE_QUESTION = "Describe the picture."
+
+
+@dataclasses.dataclass
+class Shape:
+    kind: str
+    colour: str
+    size: int
+    centre: tuple
+
+
+@dataclasses.dataclass
+class Scene:
+    """Four shapes (quadrant order: `QUADRANTS`), distinct colours, and a digit of `digit_height` px at the centre."""
+
+    seed: int
+    shapes: list
+    digit: str
+    digit_height: int
+    noise_seed: int
+
+    def render(self, size=IMAGE_SIZE):
+        """The scene as an RGB PIL image of `size` x `size` px (drawn at 336 px and resized if needed)."""
+        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        for shape in self.shapes:
+            draw_shape(draw, shape)
+        draw_digit(draw, self.digit, (IMAGE_SIZE // 2, IMAGE_SIZE // 2), self.digit_height)
+        noise = np.random.default_rng(self.noise_seed).integers(-6, 7, (IMAGE_SIZE, IMAGE_SIZE, 1))
+        pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        return image if size == IMAGE_SIZE else image.resize((size, size), Image.BICUBIC)
+
+    def description(self):
+        """Every detail in one answer, e.g. "top left green square, top right red circle, ..., centre 5": dense
+        supervision for training (the original's stage 1 trains on captions in the same spirit); never asked in
+        evaluation."""
+        parts = [f"{name} {shape.colour} {shape.kind}" for name, shape in zip(QUADRANTS, self.shapes)]
+        return ", ".join(parts + [f"centre {self.digit}"])
+
+    def questions(self):
+        """`[(question, answer, kind)]`, one of each kind in `QUESTION_KINDS`, drawn from the scene's seed."""
+        rng = random.Random(self.seed * 7 + 1)
+        quadrant, shape_quadrant = rng.randrange(4), rng.randrange(4)
+        kind = rng.choice(SHAPES)
+        first, second = rng.sample(range(4), 2)
+        a, b = self.shapes[first], self.shapes[second]
+        larger = a if a.size > b.size else b
+        return [
+            (f"What colour is the shape in the {QUADRANTS[quadrant]}?", self.shapes[quadrant].colour, "colour"),
+            (f"What shape is in the {QUADRANTS[shape_quadrant]}?", self.shapes[shape_quadrant].kind, "shape"),
+            (f"How many {kind}s are there?", COUNT_WORDS[sum(s.kind == kind for s in self.shapes)], "count"),
+            (f"Which shape is larger, the {a.colour} one or the {b.colour} one?", larger.colour, "larger"),
+            ("What digit is in the centre?", self.digit, "digit"),
+        ]
+
+
+def make_scene(seed):
+    """The scene of `seed`: a shape of random kind, distinct colour and size in each quadrant (two shapes asked to
+    be compared differ by at least 30 %, so every pair does), placed clear of the quadrant's edges, and a digit."""
+    rng = random.Random(seed)
+    colours = rng.sample(sorted(COLOURS), 4)
+    while True:
+        sizes = [rng.randint(*SHAPE_SIZES) for _ in range(4)]
+        ordered = sorted(sizes)
+        if all(big >= small * 1.3 for small, big in zip(ordered, ordered[1:])):
+            break
+    half = IMAGE_SIZE // 2
+    shapes = []
+    for index, (colour, size) in enumerate(zip(colours, sizes)):
+        left, top = (index % 2) * half, (index // 2) * half
+        # Clear of the image edge and of the central digit's box (quadrant edges +-24 px).
+        margin = size // 2 + 6
+        low_x = left + margin if index % 2 == 0 else left + 24 + size // 2
+        high_x = left + half - 24 - size // 2 if index % 2 == 0 else left + half - margin
+        low_y = top + margin if index // 2 == 0 else top + 24 + size // 2
+        high_y = top + half - 24 - size // 2 if index // 2 == 0 else top + half - margin
+        centre = (rng.randint(low_x, high_x), rng.randint(low_y, high_y))
+        shapes.append(Shape(rng.choice(SHAPES), colour, size, centre))
+    return Scene(seed, shapes, str(rng.randrange(10)), rng.randint(*DIGIT_HEIGHTS), rng.randrange(2**31))
+
+
+def draw_shape(draw, shape):
+    x, y = shape.centre
+    r = shape.size / 2
+    fill = COLOURS[shape.colour]
+    if shape.kind == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape.kind == "square":
+        side = r * 0.89  # the same area as the circle
+        draw.rectangle([x - side, y - side, x + side, y + side], fill=fill)
+    else:
+        h = r * 1.2
+        draw.polygon([(x, y - h), (x - h, y + h * 0.8), (x + h, y + h * 0.8)], fill=fill)
+
+
+def draw_digit(draw, digit, centre, height):
+    """A seven-segment digit in black, `height` px high and half as wide, centred at `centre`."""
+    x, y = centre
+    width, stroke = height // 2, max(2, height // 7)
+    left, right, top, bottom, middle = x - width // 2, x + width // 2, y - height // 2, y + height // 2, y
+    boxes = {
+        "a": (left, top, right, top + stroke), "d": (left, bottom - stroke, right, bottom),
+        "g": (left, middle - stroke // 2, right, middle + stroke - stroke // 2),
+        "f": (left, top, left + stroke, middle), "b": (right - stroke, top, right, middle),
+        "e": (left, middle, left + stroke, bottom), "c": (right - stroke, middle, right, bottom),
+    }
+    for segment in SEGMENTS[digit]:
+        draw.rectangle(boxes[segment], fill=(20, 20, 20))
+
+
+def split_seeds(split, count):
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}; got {split!r}.")
+    if not 0 <= count <= SPLIT_SIZE:
+        raise ValueError(f"a split has at most {SPLIT_SIZE} scenes; asked for {count}.")
+    return range(SPLIT_SEEDS[split], SPLIT_SEEDS[split] + count)
+
+
+def examples(split, count):
+    """`[(scene, question, answer, kind)]` of `count` scenes of `split`, every question kind of each."""
+    out = []
+    for seed in split_seeds(split, count):
+        scene = make_scene(seed)
+        out.extend((scene, question, answer, kind) for question, answer, kind in scene.questions())
+    return out
+
+
+def fresh_examples(count, seed):
+    """`count` questions, each about its own scene drawn by `seed` from beyond every split, kinds in turn."""
+    rng = random.Random(seed)
+    out = []
+    for number in range(count):
+        scene = make_scene(FRESH_SEEDS + rng.randrange(SPLIT_SIZE))
+        question, answer, kind = scene.questions()[number % len(QUESTION_KINDS)]
+        out.append((scene, question, answer, kind))
+    return out
+
+
+def llava_rows(split, count, image_folder, describe=True):
+    """Render `count` scenes of `split` into `image_folder` (PNG) and return LLaVA rows, one per question (`<image>`
+    first, as the chat template puts it), for tokenpacker-train; with `describe`, one more per scene asking for its
+    `description()`."""
+    os.makedirs(image_folder, exist_ok=True)
+    rows = []
+    for seed in split_seeds(split, count):
+        scene = make_scene(seed)
+        name = f"{split}_{seed - SPLIT_SEEDS[split]:07d}.png"
+        scene.render().save(os.path.join(image_folder, name))
+        questions = scene.questions() + ([(DESCRIBE_QUESTION, scene.description(), "describe")] if describe else [])
+        for question, answer, kind in questions:
+            rows.append({"id": f"{split}-{seed}-{kind}", "image": name, "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+    return rows
+
+
+def corpus():
+    """Every word the task's prompts and answers use (for training its tokenizer)."""
+    words = [*COLOURS, *SHAPES, *(f"{s}s" for s in SHAPES), *QUADRANTS, *COUNT_WORDS, *SEGMENTS]
+    scene = make_scene(0)
+    questions = [q for q, _, _ in scene.questions()] + [DESCRIBE_QUESTION, scene.description()]
+    return " ".join(words + questions + [f"the {c} one or the {d} one?" for c in COLOURS for d in COLOURS])

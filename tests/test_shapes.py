@@ -1,0 +1,136 @@
+"""The shapes task: a deterministic generator whose pictures match their answers, the baseline projectors at
+TokenPacker's budgets, and the experiment's pipeline at toy size."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from modeling_tokenpacker import TokenPackerConfig, shapes_model, shapes_task
+from modeling_tokenpacker.modeling_tokenpacker_card import describe_config
+from modeling_tokenpacker.modeling_tokenpacker_projector import AveragePoolProjector, ResamplerProjector
+from modeling_tokenpacker.training import ConversationDataset, ExampleBuilder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_scene_is_a_function_of_its_seed():
+    first, again, other = shapes_task.make_scene(5), shapes_task.make_scene(5), shapes_task.make_scene(6)
+    assert first == again and first != other
+    assert np.array_equal(np.asarray(first.render()), np.asarray(again.render()))
+    assert first.questions() == again.questions()
+    assert shapes_task.fresh_examples(3, seed=1)[0][1:] == shapes_task.fresh_examples(3, seed=1)[0][1:]
+
+
+def test_splits_never_share_a_scene():
+    ranges = [set(shapes_task.split_seeds(split, 1000)) for split in shapes_task.SPLIT_SEEDS]
+    assert all(not (a & b) for i, a in enumerate(ranges) for b in ranges[i + 1:])
+    fresh = {scene.seed for scene, *_ in shapes_task.fresh_examples(50, seed=0)}
+    assert all(not (fresh & r) for r in ranges) and min(fresh) >= shapes_task.FRESH_SEEDS
+    with pytest.raises(ValueError, match="split must be one of"):
+        shapes_task.split_seeds("dev", 3)
+
+
+@pytest.mark.parametrize("seed", range(0, 400, 37))
+def test_the_picture_shows_what_the_answers_say(seed):
+    scene = shapes_task.make_scene(seed)
+    pixels = np.asarray(scene.render()).astype(int)
+    for quadrant, shape in enumerate(scene.shapes):
+        x, y = shape.centre
+        assert np.abs(pixels[y, x] - shapes_task.COLOURS[shape.colour]).max() <= 6  # the noise's amplitude
+        assert (x >= 168) == (quadrant % 2 == 1) and (y >= 168) == (quadrant >= 2)
+    assert len({shape.colour for shape in scene.shapes}) == 4
+    answers = {kind: (question, answer) for question, answer, kind in scene.questions()}
+    question, answer = answers["colour"]
+    assert answer == scene.shapes[shapes_task.QUADRANTS.index(re.search(r"in the (.+)\?", question)[1])].colour
+    question, answer = answers["count"]
+    kind = re.search(r"How many (\w+)s are", question)[1]
+    assert answer == shapes_task.COUNT_WORDS[sum(shape.kind == kind for shape in scene.shapes)]
+    question, answer = answers["larger"]
+    a, b = re.search(r"the (\w+) one or the (\w+) one", question).groups()
+    size = {shape.colour: shape.size for shape in scene.shapes}
+    assert answer == (a if size[a] > size[b] else b) and max(size[a], size[b]) >= 1.3 * min(size[a], size[b])
+    # The digit's strokes are dark, its box's centre column (between the vertical strokes) is not all dark.
+    centre = pixels[168 - scene.digit_height // 2:168 + scene.digit_height // 2, 160:176].mean(-1)
+    assert (centre < 60).any() and answers["digit"][1] == scene.digit
+
+
+def test_llava_rows_train_with_the_recipe(tmp_path):
+    rows = shapes_task.llava_rows("train", 2, tmp_path)
+    assert len(rows) == 2 * (len(shapes_task.QUESTION_KINDS) + 1) and len(set(row["id"] for row in rows)) == len(rows)
+    assert all(row["conversations"][0]["value"].startswith("<image>\n") for row in rows)
+    shapes_model.build_checkpoint(tmp_path / "ckpt", "avg_pool-36")
+    processor = AutoProcessor.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    example = ConversationDataset(rows, ExampleBuilder(processor, "vicuna_v1", image_folder=str(tmp_path)))[0]
+    supervised = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert processor.tokenizer.decode(supervised, skip_special_tokens=True).strip() == rows[0]["conversations"][1]["value"]
+
+
+def baseline_config(projector_type, scale_factor=2):
+    return TokenPackerConfig(
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 336, "patch_size": 14},
+        text_config={"model_type": "llama", "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 64},
+        projector_type=projector_type, scale_factor=scale_factor, projector_hidden_size=16, projector_num_heads=2,
+        region_feature_layers=[1, 2])
+
+
+@pytest.mark.parametrize("scale_factor,tokens", [(2, 144), (3, 64), (4, 36)])
+def test_average_pooling_averages_each_region_then_applies_the_mlp(scale_factor, tokens):
+    config = baseline_config("avg_pool", scale_factor)
+    assert config.image_seq_length == tokens
+    projector = AveragePoolProjector(config)
+    features = torch.randn(2, 576, 16)
+    grid = features.reshape(2, 24 // scale_factor, scale_factor, 24 // scale_factor, scale_factor, 16)
+    expected = projector.mlp(grid.mean((2, 4)).reshape(2, tokens, 16))
+    torch.testing.assert_close(projector(features), expected)
+
+
+@pytest.mark.parametrize("scale_factor,tokens", [(2, 144), (3, 64), (4, 36)])
+def test_the_resampler_gives_the_budget_and_every_query_sees_every_patch(scale_factor, tokens):
+    projector = ResamplerProjector(baseline_config("resampler", scale_factor))
+    features = torch.randn(1, 576, 16)
+    out = projector(features)
+    assert out.shape == (1, tokens, 24)
+    features[0, 575] += 5.0  # the last patch only
+    assert (projector(features) - out).abs().amax(-1).min() > 0
+
+
+def test_baseline_projectors_check_their_scale_factor():
+    with pytest.raises(ValueError, match="scale_factor must be a positive divisor of the vision grid size 24"):
+        baseline_config("avg_pool", 5)
+    with pytest.raises(ValueError, match="projector_type must be one of"):
+        baseline_config("max_pool")
+
+
+@pytest.mark.parametrize("variant", ["avg_pool-64", "resampler-36"])
+def test_a_baseline_model_generates_and_saves_as_remote_code(variant, tmp_path):
+    model = shapes_model.build_checkpoint(tmp_path / "ckpt", variant)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    scene, question, _, _ = shapes_task.examples("test", 1)[0]
+    processor = AutoProcessor.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    answers = shapes_model.answer_questions(reloaded, processor, [(scene, question)])
+    assert len(answers) == 1 and model.config.image_seq_length == int(variant.split("-")[1])
+    assert type(reloaded.model.multi_modal_projector).__name__ == type(model.model.multi_modal_projector).__name__
+    card = describe_config(reloaded.config)
+    assert {"avg_pool": "average pooling", "resampler": "a learned-query resampler"}[variant.split("-")[0]] in card
+
+
+def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shapes_experiment.py"), "experiment", "--toy",
+                             "--variants", "tokenpacker-36", "avg_pool-36", "--seeds", "0", "--results",
+                             str(tmp_path / "results"), "--workdir", str(tmp_path / "work"), "--no-plot"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "results" / "shapes_experiment.json").read_text())
+    assert [row["variant"] for row in record["summary"]] == ["tokenpacker-36", "avg_pool-36"]
+    for row in record["summary"]:
+        assert row["visual_tokens"] == 36 and 0 <= row["all_mean"] <= 1 and row["ttft_ms"] > 0
+    assert len(record["runs"]) == 2 and "| tokenpacker | 36 |" in result.stdout
