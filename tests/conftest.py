@@ -13,6 +13,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from modeling_tokenpacker.demo import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, synthesize_image  # noqa: E402
 
 
+# Modules whose tests take the longest (old-release environments, subprocesses, torchrun) run first, so that the two
+# xdist workers do not end on one of them while the other idles; whole modules move, keeping their fixtures' scope.
+SLOW_MODULES = ("test_transformers_versions", "test_conversion", "test_hd", "test_training_cli", "test_parity",
+                "test_conversion_faults", "test_upgrade", "test_packaging", "test_shapes")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return SLOW_MODULES.index(name) if name in SLOW_MODULES else len(SLOW_MODULES)
+
+    items.sort(key=rank)
+
+
 def dtype_kwargs(dtype):
     """`from_pretrained` takes `dtype` since transformers 4.56 and `torch_dtype` before."""
     import transformers
@@ -75,9 +89,10 @@ def _deterministic():
 
 
 # Virtual environments with older releases of the supported range beside this process's torch (compat/venvs.py),
-# built once and reused (`TOKENPACKER_VENV_ROOT` chooses where; pip's cache keeps the wheels): the oldest supported
-# release and the last 4.x, for the remote-code round trip with this one.
-LEGACY_TRANSFORMERS = ("4.46.3", "4.57.6")
+# built once and reused (`TOKENPACKER_VENV_ROOT` chooses where; pip's cache keeps the wheels), for the remote-code
+# round trip with this one: the oldest supported release; `TOKENPACKER_LEGACY_TRANSFORMERS="4.46.3 4.57.6"` adds
+# others (tests/compat/matrix.py covers every release line).
+LEGACY_TRANSFORMERS = tuple(os.environ.get("TOKENPACKER_LEGACY_TRANSFORMERS", "4.46.3").split())
 
 
 @pytest.fixture(scope="session", params=LEGACY_TRANSFORMERS)

@@ -1,6 +1,7 @@
 """tokenpacker-train: the two stages, LoRA, the projector's own learning rate, self-contained outputs, resuming."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -82,6 +83,37 @@ def test_lora_finetune_saves_the_merged_model(setup, tmp_path):
     assert changed(before, after, "multi_modal_projector") and not changed(before, after, "vision_tower")
 
 
+def test_qlora_trains_4bit_adapters_and_saves_them_merged_into_the_unquantized_model(setup, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    before = load_file(setup / "ckpt" / "model.safetensors")
+    trainer = run(setup, tmp_path / "out", "--stage", "finetune", "--lora_r", "4", "--lora_alpha", "8",
+                  "--load_in_4bit", "true", "--max_steps", "3")
+    kinds = {type(module).__name__ for name, module in trainer.model.named_modules() if name.endswith("q_proj.base_layer")}
+    assert kinds == {"Linear4bit"}  # the language model was trained in 4 bits ...
+    projector = [p for n, p in trainer.model.named_parameters() if "multi_modal_projector" in n]
+    assert projector and all(p.dtype == torch.float32 for p in projector)  # ... the projector was not quantized
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(after) == set(before) and all(after[name].dtype == torch.float32 for name in after)
+    assert changed(before, after, "language_model.layers.0.self_attn.q_proj")
+    assert changed(before, after, "multi_modal_projector") and not changed(before, after, "vision_tower")
+
+
+def losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_gradient_checkpointing_trains_the_same_steps_and_bf16_trains_close_to_them(setup, tmp_path):
+    plain = run(setup, tmp_path / "plain", "--stage", "finetune", "--max_steps", "3")
+    checkpointed = run(setup, tmp_path / "gc", "--stage", "finetune", "--max_steps", "3",
+                       "--gradient_checkpointing", "true")
+    assert checkpointed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    # Steps 2 and 3 follow the updates, so equal losses mean equal gradients through the recomputed layers.
+    assert len(losses(plain)) == 3 and losses(checkpointed) == pytest.approx(losses(plain), rel=1e-5)
+    bf16 = run(setup, tmp_path / "bf16", "--stage", "finetune", "--max_steps", "3", "--bf16", "true")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert losses(bf16) == pytest.approx(losses(plain), rel=0.05), (losses(bf16), losses(plain))
+
+
 def test_a_run_resumes_from_its_trainer_checkpoint(setup, tmp_path):
     run(setup, tmp_path / "out", "--stage", "pretrain", "--save_strategy", "steps", "--save_steps", "1")
     assert (tmp_path / "out" / "checkpoint-2" / "modeling_tokenpacker.py").is_file()
@@ -113,7 +145,6 @@ def free_port():
 
 def launch(setup, processes, per_device, output, *extra):
     """tokenpacker-train under torchrun (finetune, 3 steps, sequential sampling, a checkpoint at step 3)."""
-    import os
     import subprocess
     import sys
 
@@ -150,11 +181,27 @@ def test_two_processes_give_the_losses_of_one_process_with_the_same_global_batch
     assert len(single) == len(double) == 3 and double == pytest.approx(single, rel=1e-4), (single, double)
 
 
+def test_deepspeed_zero2_over_two_processes_gives_the_losses_of_one_process(setup, tmp_path, monkeypatch):
+    """Opt-in (needs `pip install deepspeed`; on the CPU it runs with DS_ACCELERATOR=cpu and gloo). Measured on
+    the CPU: 6.7988148, 6.7454300, 5.9283714 against one process's 6.7988148, 6.7454295, 5.9283800."""
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "zero2.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                                  "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                                  "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}))
+    if not torch.cuda.is_available() and "DS_ACCELERATOR" not in os.environ:
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    single, _ = losses_and_engine(launch(setup, 1, 2, tmp_path / "one"), tmp_path / "one")
+    double, engine = losses_and_engine(launch(setup, 2, 1, tmp_path / "two", "--deepspeed", str(config)),
+                                       tmp_path / "two")
+    assert engine.endswith("2 process(es), DeepSpeed")
+    assert double == pytest.approx(single, rel=1e-4), (single, double)
+
+
 def test_fsdp_over_two_cpu_processes_gives_the_losses_of_one_process(setup, tmp_path):
     """FSDP2 (`fully_shard`, the engine accelerate runs for `--fsdp` with fsdp_version 2) works on the CPU with gloo,
     though accelerate enables it only on accelerators: tests/fsdp_worker.py shards the remote-code model as
     accelerate would and trains 3 steps with a global batch of 2."""
-    import os
     import subprocess
     import sys
 

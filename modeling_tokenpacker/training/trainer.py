@@ -108,9 +108,9 @@ def load_model(model_args, training_args):
             raise SystemExit("--load_in_4bit trains LoRA adapters (QLoRA): give --lora_r too.")
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+        # No skip list: the model's default keeps the vision tower, the projector and lm_head unquantized, in the
+        # name forms every transformers release matches (a short list here quantized the projector on 5.x).
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
     return AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **kwargs)
 
 
