@@ -166,6 +166,7 @@ class AveragePoolProjector(nn.Module):
                                   config.projector_hidden_act)
 
     def forward(self, image_features):
+        """image_features `[B, g*g, C]` (row-major grid) -> `[B, g'*g', H]`."""
         batch, _, channels = image_features.shape
         grid = image_features.reshape(batch, self.grid_size, self.grid_size, channels).permute(0, 3, 1, 2)
         pooled = F.avg_pool2d(grid, self.scale_factor)
@@ -194,7 +195,8 @@ class ResamplerProjector(nn.Module):
         self.output_mlp = TokenPackerMLP(embed_dim, config.text_config.hidden_size, config.projector_hidden_act)
 
     def forward(self, image_features):
-        batch, patches, _ = image_features.shape
+        """image_features `[B, g*g, C]` -> `[B, (g/s)^2, H]`."""
+        batch = image_features.shape[0]
         embed_dim = self.queries.shape[-1]
         head_dim = embed_dim // self.num_heads
         kv = self.kv_norm(self.kv_proj(image_features))

@@ -184,7 +184,7 @@ class ConversationDataset(Dataset):
             rows = rows.select_columns([name for name in rows.column_names if name != "images"])
         image_token = self.builder.processor.image_token
         for index, row in enumerate(rows):
-            _, turns, _, images = turns_from_row(row, image_token, index)
+            _, turns, _, _ = turns_from_row(row, image_token, index)
             has_image = "image" in row if "conversations" in row else any(image_token in t for _, t in turns)
             yield turns, has_image
 

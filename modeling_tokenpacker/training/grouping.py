@@ -57,7 +57,7 @@ def length_grouped_indices(lengths, batch_size, world_size, generator=None):
 
 def modality_length_grouped_indices(lengths, batch_size, world_size, generator=None):
     """Image samples (`lengths > 0`) and text-only ones (`< 0`) length-grouped apart, image ones drawn first; their
-    full mega-batches shuffled together, and the two last, partial ones joined (sorted by index) at the end. With
+    mega-batches shuffled together except the last of each, which are joined (sorted by index) at the end. With
     one modality only (where the original fails an assertion) this is `length_grouped_indices`."""
     if any(length == 0 for length in lengths):
         raise ValueError("modality lengths must be non-zero: positive for image samples, negative for text-only ones.")
