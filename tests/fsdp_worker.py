@@ -68,6 +68,8 @@ def main(checkpoint, data_path, image_folder, out_path):
         with open(out_path, "w") as handle:
             json.dump({"losses": losses, "world_size": world, "sharded_parameters": sharded,
                        "parameters": sum(1 for _ in model.parameters())}, handle)
+    # Both processes alive until the end: one that leaves early can abort the other's gloo threads at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 
