@@ -34,7 +34,7 @@ SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abged", "3": "abgcd", "4": "fgbc", "
 # Seed ranges of the splits: disjoint, so no scene is in two splits.
 SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 SPLIT_SIZE = 10_000_000
-FRESH_SEEDS = 30_000_000  # the demo's scenes: beyond every split
+FRESH_SEEDS = 30_000_000  # `fresh_examples`' scenes: beyond every split
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 DESCRIBE_QUESTION = "Describe the picture."
 
@@ -57,8 +57,8 @@ class Scene:
     digit_height: int
     noise_seed: int
 
-    def render(self, size=IMAGE_SIZE):
-        """The scene as an RGB PIL image of `size` x `size` px (drawn at 336 px and resized if needed)."""
+    def render(self):
+        """The scene as an RGB PIL image of 336 x 336 px."""
         image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
         draw = ImageDraw.Draw(image)
         for shape in self.shapes:
@@ -66,8 +66,7 @@ class Scene:
         draw_digit(draw, self.digit, (IMAGE_SIZE // 2, IMAGE_SIZE // 2), self.digit_height)
         noise = np.random.default_rng(self.noise_seed).integers(-6, 7, (IMAGE_SIZE, IMAGE_SIZE, 1))
         pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
-        image = Image.fromarray(pixels)
-        return image if size == IMAGE_SIZE else image.resize((size, size), Image.BICUBIC)
+        return Image.fromarray(pixels)
 
     def description(self):
         """Every detail in one answer, e.g. "top left green square, top right red circle, ..., centre 5": dense
