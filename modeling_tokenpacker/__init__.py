@@ -22,6 +22,11 @@ from .image_processing_tokenpacker import TokenPackerImageProcessor
 from .modeling_tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel, TokenPackerPreTrainedModel
 from .modeling_tokenpacker_projector import TokenPackerProjector
 from .processing_tokenpacker import TokenPackerProcessor
+from .configuration_vlora import VLoRAConfig
+from .image_processing_vlora import VLoRAImageProcessor
+from .modeling_vlora import VLoRAForConditionalGeneration, VLoRAModel, VLoRAPreTrainedModel
+from .modeling_vlora_generator import VLoRAPerceptualWeightsGenerator
+from .processing_vlora import VLoRAProcessor
 
 __version__ = "0.1.0"
 
@@ -33,22 +38,31 @@ __all__ = [
     "TokenPackerPreTrainedModel",
     "TokenPackerProcessor",
     "TokenPackerProjector",
+    "VLoRAConfig",
+    "VLoRAForConditionalGeneration",
+    "VLoRAImageProcessor",
+    "VLoRAModel",
+    "VLoRAPerceptualWeightsGenerator",
+    "VLoRAPreTrainedModel",
+    "VLoRAProcessor",
     "load_chat_template",
 ]
 
 
-def _register():
-    AutoConfig.register(TokenPackerConfig.model_type, TokenPackerConfig, exist_ok=True)
-    AutoModel.register(TokenPackerConfig, TokenPackerModel, exist_ok=True)
-    AutoModelForCausalLM.register(TokenPackerConfig, TokenPackerForConditionalGeneration, exist_ok=True)
-    AutoModelForImageTextToText.register(TokenPackerConfig, TokenPackerForConditionalGeneration, exist_ok=True)
-    AutoImageProcessor.register(TokenPackerConfig, slow_image_processor_class=TokenPackerImageProcessor, exist_ok=True)
-    AutoProcessor.register(TokenPackerConfig, TokenPackerProcessor, exist_ok=True)
-    TokenPackerConfig.register_for_auto_class("AutoConfig")
-    TokenPackerModel.register_for_auto_class("AutoModel")
-    TokenPackerForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-    TokenPackerImageProcessor.register_for_auto_class("AutoImageProcessor")
-    TokenPackerProcessor.register_for_auto_class("AutoProcessor")
+def _register(config_class, model_class, head_class, image_processor_class, processor_class):
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, head_class, exist_ok=True)
+    AutoModelForImageTextToText.register(config_class, head_class, exist_ok=True)
+    AutoImageProcessor.register(config_class, slow_image_processor_class=image_processor_class, exist_ok=True)
+    AutoProcessor.register(config_class, processor_class, exist_ok=True)
+    config_class.register_for_auto_class("AutoConfig")
+    model_class.register_for_auto_class("AutoModel")
+    head_class.register_for_auto_class("AutoModelForImageTextToText")
+    image_processor_class.register_for_auto_class("AutoImageProcessor")
+    processor_class.register_for_auto_class("AutoProcessor")
 
 
-_register()
+_register(TokenPackerConfig, TokenPackerModel, TokenPackerForConditionalGeneration, TokenPackerImageProcessor,
+          TokenPackerProcessor)
+_register(VLoRAConfig, VLoRAModel, VLoRAForConditionalGeneration, VLoRAImageProcessor, VLoRAProcessor)

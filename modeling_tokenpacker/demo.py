@@ -147,6 +147,21 @@ def say(line):
     print(line, flush=True)
 
 
+def describe_visual_budget(config, input_ids):
+    """Print what an image costs the language model: packed visual tokens (TokenPacker) or none (VLoRA)."""
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    image_tokens = int((input_ids == config.image_token_id).sum())
+    if config.model_type == "vlora":
+        say(f"visual tokens per image: {grid * grid} patches -> 0 (one masked placeholder position); the image "
+            f"becomes rank-{config.lora_rank} deltas on {config.delta_targets} of {len(config.patched_layers)} of "
+            f"{config.text_config.num_hidden_layers} layers")
+        say(f"prompt tokens: {input_ids.shape[1]}, of which {image_tokens} image placeholder")
+        return
+    say(f"visual tokens per image: {grid * grid} patches -> {config.image_seq_length} packed "
+        f"({1 - config.image_seq_length / (grid * grid):.0%} fewer, {config.projector_type}, scale {config.scale_factor})")
+    say(f"prompt tokens: {input_ids.shape[1]}, of which {image_tokens} image tokens")
+
+
 def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None, random_weights=False):
     """Load a checkpoint (remote code allowed), answer `prompt` about the image, print timings; returns the text."""
     load_kwargs = {"trust_remote_code": True}
@@ -168,13 +183,8 @@ def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None, r
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image_path], text=[text], return_tensors="pt").to(model.device)
-    config = model.config
-    grid = config.vision_config.image_size // config.vision_config.patch_size
-    image_tokens = int((inputs["input_ids"] == config.image_token_id).sum())
     say(f"model class:  {type(model).__module__}.{type(model).__name__}")
-    say(f"visual tokens per image: {grid * grid} patches -> {config.image_seq_length} packed "
-        f"({1 - config.image_seq_length / (grid * grid):.0%} fewer, {config.projector_type}, scale {config.scale_factor})")
-    say(f"prompt tokens: {inputs['input_ids'].shape[1]}, of which {image_tokens} image tokens")
+    describe_visual_budget(model.config, inputs["input_ids"])
     if random_weights:
         say("note: this checkpoint has random weights, so the answer below is nonsense; it shows the pipeline works")
     say(f"generating up to {max_new_tokens} tokens (greedy) ...")
@@ -202,12 +212,20 @@ def build_demo_checkpoint(output_dir):
     return output_dir
 
 
-def run_tiny_demo(workdir, max_new_tokens):
+def run_tiny_demo(workdir, max_new_tokens, family="tokenpacker"):
     workdir = os.path.abspath(workdir)
-    checkpoint = os.path.join(workdir, "tiny_tokenpacker")
+    checkpoint = os.path.join(workdir, f"tiny_{family}")
     start = time.perf_counter()
-    say("building a tiny TokenPacker (CLIP-shaped tower with the real 24 x 24 grid, tiny LLaMA), random weights ...")
-    build_demo_checkpoint(checkpoint)
+    if family == "vlora":
+        from .demo_vlora import build_vlora_demo_checkpoint
+
+        say("building a tiny VLoRA (CLIP-shaped tower with the real 24 x 24 grid, perceptual weights generator, "
+            "tiny LLaMA), random weights ...")
+        build_vlora_demo_checkpoint(checkpoint)
+    else:
+        say("building a tiny TokenPacker (CLIP-shaped tower with the real 24 x 24 grid, tiny LLaMA), random "
+            "weights ...")
+        build_demo_checkpoint(checkpoint)
     say(f"checkpoint: {checkpoint} (built and saved with its remote code in {time.perf_counter() - start:.1f} s, "
         "random weights)")
     image_path = os.path.join(workdir, "synthesized.png")
@@ -230,6 +248,8 @@ def main(argv=None):
     parser.add_argument("--prompt", default="What is in the image?", help="question about the image")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate at most")
     parser.add_argument("--output-dir", help="folder for the tiny checkpoint (None: a temporary folder)")
+    parser.add_argument("--family", choices=("tokenpacker", "vlora"), default="tokenpacker",
+                        help="model family of the tiny checkpoint built without --model")
     parser.add_argument("--random-weights", action="store_true", help=argparse.SUPPRESS)
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="quantize the language model to 4 bits (bitsandbytes)")
@@ -247,9 +267,9 @@ def main(argv=None):
         return 0
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-        return run_tiny_demo(args.output_dir, args.max_new_tokens)
+        return run_tiny_demo(args.output_dir, args.max_new_tokens, args.family)
     with tempfile.TemporaryDirectory(prefix="tokenpacker_demo_") as workdir:
-        return run_tiny_demo(workdir, args.max_new_tokens)
+        return run_tiny_demo(workdir, args.max_new_tokens, args.family)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ def _make_tokenizer_config_portable(path):
     _write_json(path, config)
 
 
+def _class_reference(cls):
+    """`module.Class` as an `auto_map` names a class of the checkpoint's own files."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
 class TokenPackerProcessor(ProcessorMixin):
     r"""Turns chat text with `<image>` placeholders plus images into TokenPacker model inputs.
 
@@ -325,8 +330,8 @@ class TokenPackerProcessor(ProcessorMixin):
         from `chat_template.json`; tokenizer names as in `_make_tokenizer_config_portable`. Both read the result."""
         image_processor_config = self.image_processor.to_dict()
         image_processor_config["auto_map"] = {
-            "AutoImageProcessor": f"image_processing_tokenpacker.{type(self.image_processor).__name__}",
-            "AutoProcessor": f"processing_tokenpacker.{type(self).__name__}",
+            "AutoImageProcessor": _class_reference(type(self.image_processor)),
+            "AutoProcessor": _class_reference(type(self)),
         }
         _write_json(os.path.join(save_directory, PREPROCESSOR_CONFIG_NAME), image_processor_config)
         processor_config_path = os.path.join(save_directory, PROCESSOR_CONFIG_NAME)
