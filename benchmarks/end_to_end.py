@@ -1,4 +1,5 @@
-"""Time to first token and decode speed: TokenPacker at 144/64/36 tokens vs the 576-token LLaVA-1.5 baseline.
+"""Time to first token and decode speed: TokenPacker at 144/64/36 tokens and VLoRA (no visual tokens) vs the
+576-token LLaVA-1.5 baseline.
 
     python benchmarks/end_to_end.py                   # CPU-sized model (dims printed), a few minutes
     python benchmarks/end_to_end.py --threads 1 --clock cpu   # stable numbers on a machine shared with other jobs
@@ -6,17 +7,20 @@
     python benchmarks/end_to_end.py --batch-size 8    # 8 copies of the prompt in one generate call (serving)
     python benchmarks/end_to_end.py --size 7b --device cuda --dtype bfloat16   # CLIP-L/336 + Vicuna-7B dims, GPU
 
-Five models with one vision tower and one language model (the same seed-initialised weights in all of them):
+Six models with one vision tower and one language model (the same seed-initialised weights in all of them):
 - `mlp2x_gelu`: `TokenPackerForConditionalGeneration` with LLaVA-1.5's projector, 576 visual tokens (the baseline);
 - `llava_native`: transformers' `LlavaForConditionalGeneration` with identical dims, the tower, projector, language
   model and head copied from the baseline (its first-token logits are checked against the baseline's);
-- `tokenpacker_s2/_s3/_s4`: the same class with the TokenPacker projector at scale 2/3/4 (144/64/36 tokens).
+- `tokenpacker_s2/_s3/_s4`: the same class with the TokenPacker projector at scale 2/3/4 (144/64/36 tokens);
+- `vlora`: `VLoRAForConditionalGeneration` on the same tower, language model and head, with a perceptual weights
+  generator in the release's proportions (`vlora_bench.GENERATOR_SIZES`): one placeholder position per image, the
+  image's rank-r deltas on q, k, v, o and m of every 4th layer (`--no-vlora` leaves it out).
 
 Each round runs `generate` (greedy, a fixed number of new tokens) once per model in rotating order; a streamer
 timestamps the tokens. Time to first token (TTFT) = call to first generated token: vision tower, projector, language
 model prefill over the whole prompt, first sampling step. Decode rate = (new tokens - 1) / (last - first token time).
-In the same rounds `get_image_features` (vision tower + projector) is timed on its own, which splits TTFT into image
-encoding and the rest (language-model prefill, first logits row, generate's bookkeeping). Speed-ups and decode ratios
+In the same rounds `get_image_features` (vision tower + projector; for VLoRA `get_perceptual_weights`, vision tower
++ generator) is timed on its own, which splits TTFT into image encoding and the rest (language-model prefill, first logits row, generate's bookkeeping). Speed-ups and decode ratios
 are taken within a round (runs back to back), then the median over rounds. With `--batch-size B` every call carries
 B copies of the image and prompt: TTFT is then the time to the first token of all B sequences, the decode rate is per
 sequence (steps per second; B times that in all), KV-cache bytes stay per image, and the FLOP ratios are those of
@@ -27,7 +31,11 @@ Next to each measured prefill speed-up the analytic limits for the config, from 
   (text tokens included; the causal attention's quadratic term included; the one row of logits `generate` computes);
 - `analytic_total_prefill_ratio`: the same with the vision tower and projector added on both sides (they cost the
   same or more with TokenPacker, so this Amdahl limit is below the language-model ratio).
-KV-cache bytes per image: 2 x layers x kv_heads x head_dim x image tokens x bytes per element. Writes
+For VLoRA the language-model FLOPs include the deltas' `2 r (in + out)` per patched map and text token, and the
+projector column holds the generator's FLOPs (`vlora_bench.generator_flops`). KV-cache bytes per image: 2 x layers x
+kv_heads x head_dim x image tokens x bytes per element (VLoRA: the one placeholder position). `visual_params_m`: the
+projector's or generator's parameters, `per_image_state_values`: what an image leaves in memory besides the KV cache
+(VLoRA's A factors). Writes
 end_to_end.csv, end_to_end.png and end_to_end.json (machine, dims) to benchmarks/results/ (or --output-dir).
 """
 
@@ -42,6 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_utils  # noqa: E402
+import vlora_bench  # noqa: E402
 from projector import projector_flops  # noqa: E402
 
 bench_utils.add_repo_to_path()
@@ -85,7 +94,7 @@ CSV_COLUMNS = [
     "speedup_fraction_of_total_ratio", "encode_ms", "lm_part_ms", "lm_part_speedup_vs_mlp2x",
     "lm_part_fraction_of_lm_ratio", "decode_tokens_per_s", "decode_ratio_vs_mlp2x", "decode_ratio_p25",
     "decode_ratio_p75", "kv_cache_bytes_per_image", "kv_cache_bytes_per_image_vicuna7b_fp16", "lm_prefill_gflop",
-    "vision_gflop", "projector_gflop", "max_abs_logit_diff_vs_mlp2x",
+    "vision_gflop", "projector_gflop", "visual_params_m", "per_image_state_values", "max_abs_logit_diff_vs_mlp2x",
 ]
 
 
@@ -135,9 +144,10 @@ def set_generation_ids(model, tokenizer):
     return model
 
 
-def build_models(dims, tokenizer, scale_factors, device, dtype, seed):
-    """name -> model. The TokenPacker variants share the baseline's vision tower, language model and head (module
-    objects); the native LLaVA model gets copies of them and of the baseline's projector."""
+def build_models(dims, tokenizer, scale_factors, device, dtype, seed, vlora_size=None):
+    """name -> model. The TokenPacker variants and VLoRA (with `vlora_size`, a key of `vlora_bench.GENERATOR_SIZES`)
+    share the baseline's vision tower, language model and head (module objects); the native LLaVA model gets copies
+    of them and of the baseline's projector."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     models = {}
@@ -162,6 +172,8 @@ def build_models(dims, tokenizer, scale_factors, device, dtype, seed):
             variant.model.language_model = baseline.model.language_model
             variant.lm_head = baseline.lm_head
             models[f"tokenpacker_s{scale_factor}"] = variant.eval()
+        if vlora_size is not None:
+            models["vlora"] = vlora_bench.build_vlora(vlora_size, baseline, tokenizer, seed + 100)
     return {name: set_generation_ids(model, tokenizer) for name, model in models.items()}
 
 
@@ -206,6 +218,12 @@ def kv_cache_bytes(layers, kv_heads, head_dim, tokens, element_bytes):
 
 
 def analytic(dims, config, prompt_tokens):
+    if config.model_type == "vlora":
+        grid = config.vision_config.image_size // config.vision_config.patch_size
+        return {"vision": vision_flops(dims["vision"], grid * grid + 1),
+                "projector": vlora_bench.generator_flops(config),
+                "lm": lm_prefill_flops(dims["text"], prompt_tokens)
+                + prompt_tokens * vlora_bench.delta_flops_per_token(config)}
     grid = config.grid_size
     vision = vision_flops(dims["vision"], grid * grid + 1)
     width = dims["vision"]["hidden_size"]
@@ -241,10 +259,14 @@ def timed_generate(model, inputs, new_tokens, sync, clock):
 
 
 def timed_encode(model, pixel_values, sync, clock):
-    """Seconds of `get_image_features` alone: vision tower and projector."""
+    """Seconds of `get_image_features` alone: vision tower and projector (VLoRA: `get_perceptual_weights`, vision
+    tower and generator)."""
     sync()
     start = clock()
-    model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    if hasattr(model, "get_perceptual_weights"):
+        model.get_perceptual_weights(pixel_values)
+    else:
+        model.get_image_features(pixel_values=pixel_values, return_dict=True)
     sync()
     return clock() - start
 
@@ -254,7 +276,7 @@ def plot(rows, path, title):
     if plt is None:
         return False
     names = [f"{r['variant']}\n({r['image_tokens']} tok)" for r in rows]
-    colors = ["#999999" if r["projector"] == "mlp2x_gelu" else "#1f77b4" for r in rows]
+    colors = [{"mlp2x_gelu": "#999999", "vlora": "#2ca02c"}.get(r["projector"], "#1f77b4") for r in rows]
     xs = list(range(len(rows)))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax = axes[0][0]
@@ -299,7 +321,7 @@ def plot(rows, path, title):
 
 
 def plot_title(size, dtype, new_tokens, clock, info, batch_size=1):
-    return (f"TokenPacker vs 576-token baseline, {size} dims, batch {batch_size}, {dtype}, {new_tokens} new tokens, "
+    return (f"TokenPacker and VLoRA vs 576-token baseline, {size} dims, batch {batch_size}, {dtype}, {new_tokens} new tokens, "
             f"{clock} clock\n{bench_utils.describe_machine(info)}")
 
 
@@ -333,6 +355,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=1, help="copies of the prompt per generate call (default 1)")
     parser.add_argument("--new-tokens", type=int, help="generated tokens per run (default 16, quick 3, 7b 32)")
     parser.add_argument("--repeats", type=int, help="timed rounds (default 7, quick 2)")
+    parser.add_argument("--no-vlora", dest="vlora", action="store_false", help="leave the VLoRA model out")
     bench_utils.add_timing_arguments(parser)
     args = parser.parse_args(argv)
     size = "quick" if args.quick else args.size
@@ -355,11 +378,15 @@ def main(argv=None):
 
     tokenizer = build_tiny_tokenizer()
     start = time.perf_counter()
-    models = build_models(dims, tokenizer, args.scale_factors, device, dtype, args.seed)
+    models = build_models(dims, tokenizer, args.scale_factors, device, dtype, args.seed,
+                          size if args.vlora else None)
     build_s = time.perf_counter() - start
     baseline = models["mlp2x_gelu"]
     inputs = {name: prepare_inputs(tokenizer, model.config.image_seq_length, device, dtype, args.batch_size)
-              for name, model in models.items() if name != "llava_native"}
+              for name, model in models.items() if name not in ("llava_native", "vlora")}
+    if "vlora" in models:
+        inputs["vlora"] = vlora_bench.prepare_vlora_inputs(tokenizer, QUESTION, synthesize_image(), device, dtype,
+                                                           args.batch_size)
     inputs["llava_native"] = inputs["mlp2x_gelu"]
     text, vision = dims["text"], dims["vision"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -410,11 +437,14 @@ def main(argv=None):
         lm_ratio = base_flops["lm"] / flops["lm"]
         total_ratio = sum(base_flops.values()) / sum(flops.values())
         speedup = bench_utils.median(speedups)
-        image_tokens = config.image_seq_length
+        is_vlora = config.model_type == "vlora"
+        image_tokens = 1 if is_vlora else config.image_seq_length  # VLoRA: the placeholder position
+        visual_module = model.perceptual_weights_generator if is_vlora else getattr(model, "model", model).multi_modal_projector
         rows.append({
-            "variant": name, "model_class": type(model).__name__, "projector": config.projector_type,
+            "variant": name, "model_class": type(model).__name__,
+            "projector": "vlora" if is_vlora else config.projector_type,
             "batch_size": args.batch_size,
-            "scale_factor": config.scale_factor if config.projector_type == "tokenpacker" else "",
+            "scale_factor": config.scale_factor if getattr(config, "projector_type", "") == "tokenpacker" else "",
             "image_tokens": image_tokens, "prompt_tokens": prompt_tokens, "device": str(device), "dtype": args.dtype,
             "threads": torch.get_num_threads(), "clock": args.clock,
             "ttft_ms": bench_utils.median(ttft) * 1e3, "ttft_ms_p25": bench_utils.spread(ttft)[0] * 1e3,
@@ -437,6 +467,8 @@ def main(argv=None):
                 image_tokens, 2),
             "lm_prefill_gflop": flops["lm"] / 1e9, "vision_gflop": flops["vision"] / 1e9,
             "projector_gflop": flops["projector"] / 1e9,
+            "visual_params_m": sum(param.numel() for param in visual_module.parameters()) / 1e6,
+            "per_image_state_values": vlora_bench.perceptual_weight_values(config) if is_vlora else 0,
             "max_abs_logit_diff_vs_mlp2x": logit_diff if name == "llava_native" else "",
         })
 
@@ -449,7 +481,8 @@ def main(argv=None):
         ("encode_ms", "encode ms", ".0f"), ("lm_part_ms", "LM part ms", ".0f"),
         ("lm_part_speedup_vs_mlp2x", "LM speed-up", ".2f"), ("lm_part_fraction_of_lm_ratio", "of LM", ".0%"),
         ("decode_tokens_per_s", "decode tok/s", ".1f"), ("decode_ratio_vs_mlp2x", "vs base", ".3f"),
-        ("kv_mib", "KV MiB/img", ".2f"),
+        ("kv_mib", "KV MiB/img", ".2f"), ("projector_gflop", "proj GFLOP", ".3g"),
+        ("visual_params_m", "proj M params", ".2f"),
     ])
     print("\nnative LlavaForConditionalGeneration vs mlp2x_gelu baseline: "
           f"max |first-token logit diff| = {logit_diff:.2e}")
@@ -459,6 +492,13 @@ def main(argv=None):
           + ", ".join(f"{r['image_tokens']} tokens {r['kv_cache_bytes_per_image_vicuna7b_fp16'] / 2**20:.0f} MiB"
                       for r in rows if r["variant"] != "llava_native"))
     packed = [r for r in rows if r["projector"] == "tokenpacker"]
+    for r in rows:
+        if r["projector"] == "vlora":
+            print(f"VLoRA: no visual tokens (1 placeholder position), generator {r['visual_params_m']:.2f} M params and "
+                  f"{r['projector_gflop']:.3g} GFLOP per image, {r['per_image_state_values']} A values per image; "
+                  f"prefill speed-up {r['prefill_speedup_vs_mlp2x']:.2f} (LM-only limit "
+                  f"{r['analytic_lm_prefill_ratio']:.2f}, whole-prefill limit {r['analytic_total_prefill_ratio']:.2f}), "
+                  f"decode {r['decode_ratio_vs_mlp2x']:.3f} x baseline")
     print("\ntargets" + (" (toy dims: the targets are meant for the full run)" if size == "quick" else "") + ":")
     for r in packed:
         print(f"  {r['variant']}: prefill speed-up {r['prefill_speedup_vs_mlp2x']:.2f} = "

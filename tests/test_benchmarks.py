@@ -138,11 +138,13 @@ def test_end_to_end_benchmark_quick_writes_all_variants(tmp_path, capsys):
     assert end_to_end.main(["--quick", "--output-dir", str(tmp_path)]) == 0
     rows = check_outputs(str(tmp_path / "end_to_end_quick"), end_to_end.CSV_COLUMNS, capsys.readouterr().out)
     by_name = {row["variant"]: row for row in rows}
-    assert list(by_name) == ["mlp2x_gelu", "llava_native", "tokenpacker_s2", "tokenpacker_s3", "tokenpacker_s4"]
+    assert list(by_name) == ["mlp2x_gelu", "llava_native", "tokenpacker_s2", "tokenpacker_s3", "tokenpacker_s4",
+                             "vlora"]
     assert by_name["llava_native"]["model_class"] == "LlavaForConditionalGeneration"
+    assert by_name["vlora"]["model_class"] == "VLoRAForConditionalGeneration"
     tokens = {name: int(row["image_tokens"]) for name, row in by_name.items()}
     assert tokens == {"mlp2x_gelu": 576, "llava_native": 576, "tokenpacker_s2": 144, "tokenpacker_s3": 64,
-                      "tokenpacker_s4": 36}
+                      "tokenpacker_s4": 36, "vlora": 1}
     text_tokens = {int(row["prompt_tokens"]) - int(row["image_tokens"]) for row in rows}
     assert len(text_tokens) == 1  # the same question everywhere
     # identical tower, projector and language model: the native LLaVA model gives the baseline's logits
@@ -161,6 +163,10 @@ def test_end_to_end_benchmark_quick_writes_all_variants(tmp_path, capsys):
         for key in ("ttft_ms", "prefill_speedup_vs_mlp2x", "decode_tokens_per_s", "decode_ratio_vs_mlp2x"):
             assert math.isfinite(float(row[key])) and float(row[key]) > 0
     assert limits == sorted(limits)
+    vlora = by_name["vlora"]
+    assert float(vlora["analytic_lm_prefill_ratio"]) > limits[-1]  # no visual tokens: the largest LM-only limit
+    assert int(vlora["per_image_state_values"]) > 0 and float(vlora["visual_params_m"]) > 0
+    assert int(vlora["kv_cache_bytes_per_image_vicuna7b_fp16"]) == 2 * 32 * 32 * 128 * 1 * 2
     if have_matplotlib():
         os.remove(tmp_path / "end_to_end_quick.png")
         assert end_to_end.main(["--quick", "--replot", "--output-dir", str(tmp_path)]) == 0
@@ -172,13 +178,29 @@ def test_end_to_end_benchmark_batches_copies_of_the_prompt(tmp_path, capsys):
     args = ["--quick", "--batch-size", "2", "--scale-factors", "2", "--output-dir", str(tmp_path)]
     assert end_to_end.main(args) == 0
     rows = check_outputs(str(tmp_path / "end_to_end_b2_quick"), end_to_end.CSV_COLUMNS, capsys.readouterr().out)
-    assert [row["variant"] for row in rows] == ["mlp2x_gelu", "llava_native", "tokenpacker_s2"]
+    assert [row["variant"] for row in rows] == ["mlp2x_gelu", "llava_native", "tokenpacker_s2", "vlora"]
     assert {row["batch_size"] for row in rows} == {"2"}
     assert float(rows[1]["max_abs_logit_diff_vs_mlp2x"]) <= 1e-4
     assert not (tmp_path / "end_to_end_quick.csv").exists()
     inputs = end_to_end.prepare_inputs(end_to_end.build_tiny_tokenizer(), 144, "cpu", torch.float32, batch_size=3)
     assert inputs["input_ids"].shape[0] == 3 and inputs["pixel_values"].shape[0] == 3
     assert torch.equal(inputs["input_ids"][0], inputs["input_ids"][2])
+
+
+def test_vlora_costs_at_release_settings_match_the_original_counts():
+    """The facts measured on the original (shared/original-vlora.md §11): 851.9 M generator parameters, 38.2 GFLOP
+    per image, 41.9 MFLOP of deltas per text token, 10.5 M A values per image."""
+    load_script("end_to_end")  # puts benchmarks/ on the path
+    import vlora_bench
+    from modeling_tokenpacker import VLoRAConfig, VLoRAPerceptualWeightsGenerator
+
+    config = VLoRAConfig()
+    with torch.device("meta"):
+        generator = VLoRAPerceptualWeightsGenerator(config)
+    assert round(sum(param.numel() for param in generator.parameters()) / 1e6, 1) == 851.9
+    assert round(vlora_bench.generator_flops(config) / 1e9, 1) == 38.2
+    assert round(vlora_bench.delta_flops_per_token(config) / 1e6, 1) == 41.9
+    assert round(vlora_bench.perceptual_weight_values(config) / 1e6, 1) == 10.5
 
 
 def test_language_model_prefill_flops_count_causal_attention_and_one_logits_row():
