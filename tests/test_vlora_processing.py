@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from modeling_tokenpacker import TokenPackerImageProcessor, VLoRAImageProcessor, VLoRAProcessor
+from modeling_tokenpacker import TokenPackerImageProcessor, VLoRAImageProcessor
 from modeling_tokenpacker.demo_vlora import build_tiny_vlora_processor
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
