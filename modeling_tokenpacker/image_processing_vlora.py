@@ -3,6 +3,9 @@
 Shipped inside checkpoints as remote code (imports numpy, PIL, torch, transformers and sibling modules only).
 """
 
+# transformers 4.46 copies only the relative imports an entry module names itself into its module cache: every
+# module this one needs, directly or not, is named here.
+from .image_processing_common import flatten_images  # noqa: F401
 from .image_processing_tokenpacker import SLICE_MODE, TokenPackerImageProcessor
 
 

@@ -15,6 +15,9 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+# transformers 4.46 copies only the relative imports an entry module names itself into its module cache: every
+# module this one needs, directly or not, is named here.
+from .configuration_tokenpacker import DEFAULT_VISION_CONFIG  # noqa: F401
 from .configuration_vlora import AUTO_MAP, GENERATION_POSITIONS, VLoRAConfig
 from .modeling_common import (
     IGNORE_INDEX,

@@ -4,6 +4,9 @@ placeholder.
 Shipped inside checkpoints as remote code; works from transformers 4.46 to 5.x (as processing_tokenpacker.py).
 """
 
+# transformers 4.46 copies only the relative imports an entry module names itself into its module cache: every
+# module this one needs, directly or not, is named here.
+from .image_processing_common import flatten_images  # noqa: F401
 from .processing_common import prompts_from_text
 from .processing_tokenpacker import TokenPackerProcessor
 

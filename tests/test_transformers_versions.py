@@ -82,6 +82,36 @@ def test_checkpoint_saved_under_an_older_release_loads_and_generates_identically
     assert here["tokens"] == legacy["tokens"]
 
 
+def test_vlora_checkpoint_saved_here_loads_and_generates_identically_under_an_older_release(
+    tmp_path, legacy_python, tokenizer, image_paths
+):
+    from modeling_tokenpacker.demo_vlora import build_vlora_demo_checkpoint
+
+    checkpoint = build_vlora_demo_checkpoint(tmp_path / "vlora_saved_here")
+    legacy = run_child(checkpoint, image_paths, cwd=tmp_path, python=legacy_python)
+    assert legacy["loaded"]["AutoModelForImageTextToText"] == "VLoRAForConditionalGeneration"
+    assert legacy["loaded"]["AutoProcessor"] == "VLoRAProcessor"
+    assert legacy["tokens"] == generate_here(checkpoint, image_paths)
+
+
+BUILD_VLORA_UNDER_LEGACY = BUILD_UNDER_LEGACY.replace(
+    "from modeling_tokenpacker.demo import build_demo_checkpoint",
+    "from modeling_tokenpacker.demo_vlora import build_vlora_demo_checkpoint as build_demo_checkpoint")
+
+
+def test_vlora_checkpoint_saved_under_an_older_release_loads_and_generates_identically_here(
+    tmp_path, legacy_python, image_paths
+):
+    checkpoint = tmp_path / "vlora_saved_legacy"
+    built = subprocess.run([str(legacy_python), "-c", BUILD_VLORA_UNDER_LEGACY, str(REPO_ROOT), str(checkpoint)],
+                           capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert built.returncode == 0, built.stderr[-3000:]
+    legacy = run_child(checkpoint, image_paths, cwd=tmp_path, python=legacy_python)
+    here = run_child(checkpoint, image_paths, cwd=tmp_path)
+    assert here["loaded"] == legacy["loaded"] and here["loaded"]["AutoModel"] == "VLoRAModel"
+    assert here["tokens"] == legacy["tokens"]
+
+
 def test_the_transformers_contract_holds_under_an_older_release(legacy_python):
     """tests/test_transformers_contract.py run by the older release (the points it has; the rest skip)."""
     result = subprocess.run([str(legacy_python), "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -3,6 +3,7 @@ quantized language models, PEFT and a pipeline."""
 
 import copy
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,18 @@ def test_pipeline_answers_chat_messages(vlora_checkpoint, images):
                                              {"type": "text", "text": "What is in the image?"}]}]
     chat = pipe(text=messages, max_new_tokens=4, return_full_text=False)
     assert isinstance(chat[0]["generated_text"], str)
+
+
+def test_every_entry_module_names_all_the_modules_it_needs():
+    """transformers 4.46 copies into its module cache only the relative imports an entry module names itself, then
+    imports the whole chain: a module reached only through another fails to load there."""
+    from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
+
+    from modeling_tokenpacker.remote_code import PACKAGE_DIR
+
+    for family in ("tokenpacker", "vlora"):
+        for kind in ("configuration", "modeling", "processing", "image_processing"):
+            path = PACKAGE_DIR / f"{kind}_{family}.py"
+            direct = {name + ".py" for name in get_relative_imports(str(path))}
+            closure = {Path(item).name for item in get_relative_import_files(str(path))}
+            assert closure == direct, (path.name, sorted(closure - direct))
