@@ -192,9 +192,10 @@ class VLoRAModel(VLoRAPreTrainedModel):
                               torch.full_like(has_image, -1, dtype=torch.int64))
         return VLoRAState(deltas, columns)
 
-    def _state_for(self, input_ids, pixel_values, cache):
-        """The state of this call: built from `pixel_values`, else the one the cache carries from its prefill, else
-        None (plain language model); ValueError when images and placeholders disagree."""
+    def _state_for(self, input_ids, pixel_values, cache, image_repeats=1):
+        """The state of this call: built from `pixel_values` (each image's weights used by `image_repeats` rows in a
+        row), else the one the cache carries from its prefill, else None (plain language model); ValueError when
+        images and placeholders disagree."""
         placeholder = None if input_ids is None else input_ids == self.config.image_token_id
         past_length = 0 if cache is None else cache.get_seq_length()
         carried = None if cache is None else getattr(cache, CACHE_STATE, None)
@@ -206,15 +207,19 @@ class VLoRAModel(VLoRAPreTrainedModel):
             if bool((per_row > 1).any()):
                 raise ValueError(f"VLoRA gives a sequence the weights of one image; the rows hold {per_row.tolist()} "
                                  "image placeholders. Write at most one <image> per prompt.")
-            if int(per_row.sum()) != pixel_values.shape[0]:
+            if int(per_row.sum()) != pixel_values.shape[0] * image_repeats:
+                repeats = f" x {image_repeats} repeats" if image_repeats > 1 else ""
                 raise ValueError(f"The inputs hold {int(per_row.sum())} image placeholders (id "
-                                 f"{self.config.image_token_id}) but pixel_values has {pixel_values.shape[0]} images; "
-                                 "give one image per placeholder.")
+                                 f"{self.config.image_token_id}) but pixel_values has {pixel_values.shape[0]} images"
+                                 f"{repeats}; give one image per placeholder.")
             if carried is not None:
                 raise ValueError("The cache already holds a sequence with its image; VLoRA gives a sequence one "
                                  "image. Start a new cache for a new image.")
             check_pixel_values(pixel_values, self.config.vision_config.image_size)
-            return self.build_state(self.get_perceptual_weights(pixel_values), placeholder, past_length)
+            weights = self.get_perceptual_weights(pixel_values)
+            if image_repeats > 1:
+                weights = {letter: (a.repeat_interleave(image_repeats, 0), b) for letter, (a, b) in weights.items()}
+            return self.build_state(weights, placeholder, past_length)
         if carried is not None:
             batch = input_ids.shape[0] if input_ids is not None else None
             if batch is not None and batch != carried.batch_size:
@@ -247,9 +252,10 @@ class VLoRAModel(VLoRAPreTrainedModel):
         return attention_mask
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                return_dict=None, **kwargs):
+                return_dict=None, image_repeats=1, **kwargs):
         """input_ids `[batch, seq]` with at most one placeholder (`image_token_id`) per row; pixel_values
-        `[num_images, 3, S, S]`, one per placeholder, in row order. The placeholder is embedded as
+        `[num_images, 3, S, S]`, one per placeholder, in row order (with `image_repeats` r, each image serves the next
+        r rows with a placeholder: `generate` repeats prompts for beams and `num_return_sequences`, not images). The placeholder is embedded as
         `image_token_embedding_id`, keeps its position and is masked out of attention (the caller's tensors are not
         changed); rows with an image get the deltas of its perceptual weights, the others the plain language model.
         On decode steps the cache carries the weights of its prefill. `inputs_embeds` serve text-only batches and
@@ -264,7 +270,7 @@ class VLoRAModel(VLoRAPreTrainedModel):
                                                                         self.config.image_token_embedding_id)
         check_text_inputs(text_ids, inputs_embeds, attention_mask, None, self.config.text_config.vocab_size)
         cache = find_cache(kwargs.values())
-        state = self._state_for(input_ids, pixel_values, cache)
+        state = self._state_for(input_ids, pixel_values, cache, int(image_repeats or 1))
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(text_ids)
         batch, length = inputs_embeds.shape[:2]
@@ -363,9 +369,10 @@ class VLoRAForConditionalGeneration(VLoRAPreTrainedModel, GenerationMixin):
         output = build_output(VLoRACausalLMOutputWithPast, outputs, loss=loss, logits=logits)
         return output if return_dict is not False else output.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, generation_positions=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, generation_positions=None, image_repeats=None,
+                                      **kwargs):
         """The language model's own preparation (the cache and every other argument passed through unchanged), plus
-        the pixel values on the prefill step. With `generation_positions="original"` (per call, or the config's),
+        the pixel values (and `image_repeats`, see `_expand_inputs_for_generation`) on the prefill step. With `generation_positions="original"` (per call, or the config's),
         every decoded token of a row with an image gets the position one less than a full forward gives it, as the
         original `generate` numbers them."""
         rule = generation_positions or self.config.generation_positions
@@ -375,8 +382,23 @@ class VLoRAForConditionalGeneration(VLoRAPreTrainedModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         if pixel_values is not None and prefill:
             model_inputs["pixel_values"] = pixel_values
+            if image_repeats is not None:
+                model_inputs["image_repeats"] = image_repeats
         positions = model_inputs.get("position_ids")
         if rule == "original" and not prefill and positions is not None:
             has_image = (input_ids == self.config.image_token_id).any(-1, keepdim=True)
             model_inputs["position_ids"] = positions - has_image.to(positions.device, positions.dtype)
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """GenerationMixin repeats every tensor `expand_size` times for `num_beams` / `num_return_sequences`; the
+        images are kept once each and `image_repeats` tells the forward to share each image's perceptual weights
+        among its repeated rows, so the generator runs once per image (same signature in 4.46 ... 5.x)."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+            if expand_size > 1:
+                model_kwargs["image_repeats"] = expand_size
+        return input_ids, model_kwargs

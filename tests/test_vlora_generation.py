@@ -103,6 +103,18 @@ def test_beam_search_and_several_sequences_expand_each_prompts_deltas(vlora, vlo
         assert beams[2 * row:2 * row + 2].tolist() == single.tolist()
 
 
+def test_the_generator_runs_once_per_image_whatever_the_beams(vlora, vlora_processor, images):
+    batch = vlora_processor(images=[images[0]], text=[PROMPTS[0], TEXT_PROMPT], return_tensors="pt", padding=True)
+    calls = []
+    handle = vlora.perceptual_weights_generator.register_forward_hook(
+        lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        generate(vlora, batch, num_beams=3, num_return_sequences=3)
+    finally:
+        handle.remove()
+    assert calls == [1]
+
+
 def test_sampling_with_several_sequences_runs_per_prompt(vlora, vlora_processor, images):
     batch = vlora_processor(images=[images[0], images[1]], text=PROMPTS, return_tensors="pt", padding=True)
     torch.manual_seed(0)
