@@ -69,12 +69,13 @@ def run(checkpoint, image_paths, quantization):
     }
 
 
-def build(checkpoint, repo):
+def build(checkpoint, repo, family="tokenpacker"):
     sys.path.insert(0, repo)
     import transformers
     from modeling_tokenpacker.demo import build_demo_checkpoint
+    from modeling_tokenpacker.demo_vlora import build_vlora_demo_checkpoint
 
-    build_demo_checkpoint(checkpoint)
+    (build_vlora_demo_checkpoint if family == "vlora" else build_demo_checkpoint)(checkpoint)
     return {"transformers": transformers.__version__}
 
 
@@ -88,11 +89,12 @@ def main():
     build_parser = sub.add_parser("build")
     build_parser.add_argument("checkpoint")
     build_parser.add_argument("repo")
+    build_parser.add_argument("--family", choices=["tokenpacker", "vlora"], default="tokenpacker")
     args = parser.parse_args()
     if args.command == "run":
         result = run(args.checkpoint, args.images.split(","), args.quantization)
     else:
-        result = build(args.checkpoint, args.repo)
+        result = build(args.checkpoint, args.repo, args.family)
     print(json.dumps(result))
 
 

@@ -2,6 +2,7 @@
 
     python tests/compat/matrix.py                      # last patch of every minor release, 4.46 ... newest
     python tests/compat/matrix.py --versions 4.46.3 5.24.0 --jobs 2
+    python tests/compat/matrix.py --family vlora --output tests/compat/matrix_vlora.csv   # the VLoRA family
 
 Opt-in (not part of the test command: about half a minute per release on 2 cores once pip's cache is warm). This
 interpreter's transformers is the reference ("newest"). It saves the demo's tiny checkpoint; then for each release a
@@ -87,8 +88,19 @@ def max_logit_diff(a, b):
     return float((torch.tensor(a["logits"]) - torch.tensor(b["logits"])).abs().max())
 
 
+VLORA_EXPECTED_CLASSES = {
+    "AutoConfig": "VLoRAConfig",
+    "AutoImageProcessor": "VLoRAImageProcessor",
+    "AutoProcessor": "VLoRAProcessor",
+    "AutoModel": "VLoRAModel",
+    "AutoModelForCausalLM": "VLoRAForConditionalGeneration",
+    "AutoModelForImageTextToText": "VLoRAForConditionalGeneration",
+}
+FAMILY = {"name": "tokenpacker", "expected": EXPECTED_CLASSES}  # set by --family
+
+
 def loads_everything(result):
-    return result["loaded"] == EXPECTED_CLASSES and not result["imported_package"]
+    return result["loaded"] == FAMILY["expected"] and not result["imported_package"]
 
 
 def measure(version, work, reference, reference_4bit, images, venv_root):
@@ -117,7 +129,7 @@ def measure(version, work, reference, reference_4bit, images, venv_root):
         notes.append(f"load/generate: {error}")
     try:
         saved = work / f"checkpoint_{version.replace('.', '_')}"
-        child(python, "build", saved, REPO)
+        child(python, "build", saved, REPO, "--family", FAMILY["name"])
         theirs = child(python, "run", saved, images)
         ours = child(sys.executable, "run", saved, images)
         same = ours["tokens"] == theirs["tokens"] and loads_everything(ours)
@@ -165,18 +177,22 @@ def main(argv=None):
     parser.add_argument("--versions", nargs="+", help="releases to test (default: last patch of every minor "
                         f"release from {FLOOR} to this interpreter's {newest})")
     parser.add_argument("--jobs", type=int, default=2, help="releases measured at once (default: 2)")
+    parser.add_argument("--family", choices=["tokenpacker", "vlora"], default="tokenpacker",
+                        help="model family of the demo checkpoint (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=HERE / "matrix.csv", help="CSV to write (default: %(default)s)")
     parser.add_argument("--venv-root", type=Path, default=CACHE_ROOT / "matrix",
                         help="where the environments are kept for the next run (default: %(default)s)")
     args = parser.parse_args(argv)
+    FAMILY.update(name=args.family, expected=VLORA_EXPECTED_CLASSES if args.family == "vlora" else EXPECTED_CLASSES)
     versions = args.versions or last_patch_of_every_minor(newest)
     print(f"reference: transformers {newest} ({sys.executable}); releases: {' '.join(versions)}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="tokenpacker_matrix_") as folder:
         work = Path(folder)
         from modeling_tokenpacker.demo import build_demo_checkpoint, synthesize_image
+        from modeling_tokenpacker.demo_vlora import build_vlora_demo_checkpoint
 
-        build_demo_checkpoint(work / "checkpoint_newest")
+        (build_vlora_demo_checkpoint if args.family == "vlora" else build_demo_checkpoint)(work / "checkpoint_newest")
         paths = []
         for i, size in enumerate([(480, 360), (300, 500)]):
             paths.append(work / f"image{i}.png")
