@@ -7,6 +7,7 @@ checkpoint's own remote code, not the package, must serve the model).
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ CHECKPOINT_PATTERNS = ["config.json", "generation_config.json", "*.safetensors",
 CLIP_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "model.safetensors.index.json",
                  "pytorch_model*.bin", "pytorch_model.bin.index.json"]
 TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "added_tokens.json"]
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configuration"
 
 
 class ConversionError(ValueError):
@@ -83,6 +85,17 @@ def read_json(path):
         raise ConversionError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); expected JSON.") from None
     except OSError as error:
         raise ConversionError(f"{path} cannot be read: {error.strerror or error}.") from None
+
+
+def load_family_presets(family, default_family="tokenpacker"):
+    """{name: preset dict} of configuration/*.json whose `family` is `family` (a preset without the key belongs to
+    `default_family`)."""
+    presets = {}
+    for path in sorted(PRESET_DIR.glob("*.json")):
+        preset = read_json(path)
+        if preset.get("family", default_family) == family:
+            presets[preset.get("name", path.stem)] = preset
+    return presets
 
 
 def write_json(path, data):

@@ -82,6 +82,7 @@ class ConversionResult:
     pad_token_id: int = None
     vocab_size: int = None
     warnings: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)  # source content the original computes but never uses, not converted
     pushed_to: str = None
 
     def summary(self):
@@ -95,6 +96,7 @@ class ConversionResult:
             f"{sum(self.ignored.values())} ({ignored})",
             f"  tensors written: {self.written_tensors} in {self.shards} shard(s), {self.bytes_written / 1e6:.1f} MB",
             f"  vocabulary: {self.vocab_size} rows; <image> id {self.image_token_id}; <pad> id {self.pad_token_id}",
+            *(f"  dropped: {line}" for line in self.dropped),
             f"  verification: {verified}",
             f"  time: {self.seconds:.1f} s (tensors streamed in {self.weights_seconds:.1f} s, "
             f"{self.bytes_written / max(self.weights_seconds, 1e-9) / 1e6:.0f} MB/s)"
@@ -133,6 +135,7 @@ class LlavaFamilyConverter:
         self.preset = None
         self.progress = progress
         self.warnings = []
+        self.dropped = []  # sentences for the summary and model card (the family fills them)
 
     def warn(self, message):
         logger.warning(message)
@@ -227,6 +230,7 @@ class LlavaFamilyConverter:
                 "No vision tower: the checkpoint embeds none, and no --vision-tower was given. Pass --vision-tower "
                 f"CLIP_DIR (a CLIP checkpoint folder or Hub id; the config names mm_vision_tower={mm_vision_tower!r}), "
                 "or convert a checkpoint that embeds the tower (model.vision_tower.vision_tower.vision_model.*)."
+                + self.vision_tower_hint(mm_vision_tower)
             )
         if self.original.get("mm_hidden_size") not in (None, self.vision_config.get("hidden_size")):
             self.warn(f"config mm_hidden_size={self.original['mm_hidden_size']} differs from the vision tower's hidden "
@@ -275,7 +279,9 @@ class LlavaFamilyConverter:
             raise ConversionError(f"embed_tokens has {self.source_vocab_rows} rows but lm_head has "
                                   f"{shapes['lm_head.weight'][0][0]}; expected equal vocabularies.")
 
-    def load_tokenizer(self):
+    def open_tokenizer(self):
+        """The original's tokenizer as it is, from --tokenizer, else the input folder, else --base-llm; sets
+        `self.tokenizer_dir`."""
         from transformers import LlamaTokenizerFast
 
         candidates = [self.tokenizer_location] if self.tokenizer_location else [self.input_dir, self.base_llm_dir]
@@ -293,7 +299,11 @@ class LlavaFamilyConverter:
         # Never AutoTokenizer here: on a folder whose config says model_type 'llava', transformers 5 returns a
         # generic tokenizer without SentencePiece's dummy prefix (different ids). LLaMA's own class gives the
         # original's ids.
-        tokenizer = LlamaTokenizerFast.from_pretrained(folder)
+        self.tokenizer_dir = folder
+        return LlamaTokenizerFast.from_pretrained(folder)
+
+    def load_tokenizer(self):
+        tokenizer = self.open_tokenizer()
         if len(tokenizer) > self.source_vocab_rows:
             self.warn(f"The tokenizer has {len(tokenizer)} tokens but the embeddings only {self.source_vocab_rows} "
                       "rows; the extra tokens get the mean row.")
@@ -304,7 +314,6 @@ class LlavaFamilyConverter:
         tokenizer.pad_token = PAD_TOKEN
         tokenizer.padding_side = "left"
         self.tokenizer = tokenizer
-        self.tokenizer_dir = folder
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.pad_token_id = tokenizer.pad_token_id
         self.vocab_rows = round_up(max(len(tokenizer), self.source_vocab_rows), VOCAB_MULTIPLE)
@@ -395,7 +404,7 @@ class LlavaFamilyConverter:
         result.weights_seconds = time.perf_counter() - start
 
     def write_config_files(self, folder):
-        from modeling_tokenpacker.remote_code import shipped_files
+        from modeling_tokenpacker.remote_code import ENTRY_MODULES, shipped_files
         from transformers import GenerationConfig
 
         config = self.config
@@ -403,7 +412,7 @@ class LlavaFamilyConverter:
         config.architectures = [self.model_class().__name__]
         set_config_dtype(config, DTYPES[self.dtype])
         config.save_pretrained(folder)
-        for name, path in shipped_files().items():
+        for name, path in shipped_files(self.remote_code_entry_modules or ENTRY_MODULES).items():
             shutil.copyfile(path, os.path.join(folder, name))
         generation = GenerationConfig(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
                                       pad_token_id=self.pad_token_id)
@@ -450,7 +459,7 @@ class LlavaFamilyConverter:
                     raise ConversionError(describe_os_error(error, f"moving the output into {self.output}") +
                                           "; the previous output, if any, is unchanged.") from None
         if self.push_to_hub:
-            result.pushed_to = push_folder_to_hub(self.output, self.push_to_hub, self.private)
+            result.pushed_to = push_folder_to_hub(self.output, self.push_to_hub, self.private, self.hub_commit_message)
         result.seconds = time.perf_counter() - start
         result.warnings = list(self.warnings)
         logger.info("progress: done")
@@ -462,7 +471,8 @@ class LlavaFamilyConverter:
         check_free_space(os.path.dirname(self.output), self.expected_bytes())
         result = ConversionResult(output=self.output, dtype=self.dtype, projector_type=self.result_kind(),
                                   preset=(self.preset or {}).get("name"), image_token_id=self.image_token_id,
-                                  pad_token_id=self.pad_token_id, vocab_size=self.vocab_rows)
+                                  pad_token_id=self.pad_token_id, vocab_size=self.vocab_rows,
+                                  dropped=list(self.dropped))
         try:
             self.write_weights(folder, result)
             logger.info("progress: writing the config, processor and remote code")
@@ -486,6 +496,12 @@ class LlavaFamilyConverter:
 
     family = None  # the conversion.<family> module that classifies the family's tensor names
     family_config_keys = ()  # original config keys the family reads, beyond LLaVA-1.5's
+    remote_code_entry_modules = ()  # () = TokenPacker's (modeling_tokenpacker.remote_code.ENTRY_MODULES)
+    hub_commit_message = None  # None = TokenPacker's
+
+    def vision_tower_hint(self, mm_vision_tower):
+        """More words for the error when there is no vision tower at all."""
+        return ""
 
     def validate_original_config(self, config, path):
         raise NotImplementedError(f"{type(self).__name__} must say which original configs it converts")

@@ -5,6 +5,7 @@ generator names through `classify`. Never imports `modeling_tokenpacker` at impo
 """
 
 import importlib
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -88,11 +89,14 @@ ROLE_DESCRIPTIONS = {
 @dataclass
 class Mapping:
     """What happens to one source tensor: `targets` (our names; several for a split) and `op`, or `ignored` with
-    a reason."""
+    a reason. `op` None copies; "resize_vocab" pads the rows; "split_qkv" splits packed q/k/v rows; "take_rows"
+    drops a leading axis of size 1 and gives target i the rows `args[i] = (start, stop, shape)`, reshaped
+    row-major to `shape` (rows a family does not map are dropped: it says so)."""
 
     targets: tuple = ()
     op: str = None
     ignored: str = None
+    args: tuple = ()
 
 
 def classify_common(role, name, use_embedded_tower=True):
@@ -145,9 +149,22 @@ def resize_vocab(tensor, new_rows, dtype):
     return out
 
 
+def check_take_rows(mapping, shape):
+    """ConversionError unless a "take_rows" mapping fits a source tensor of `shape`."""
+    rows, rest = (shape[1], tuple(shape[2:])) if len(shape) >= 2 and shape[0] == 1 else (None, ())
+    for target, (start, stop, out_shape) in zip(mapping.targets, mapping.args):
+        if rows is None or not 0 <= start < stop <= rows or math.prod(out_shape) != (stop - start) * math.prod(rest):
+            raise ConversionError(f"cannot take rows {start}..{stop - 1} of a {list(shape)} tensor as {target} "
+                                  f"{list(out_shape)}; expected a [1, rows, ...] tensor with those rows.")
+
+
 def apply_mapping(mapping, tensor, dtype, vocab_rows):
     """The output tensors (contiguous, in `dtype`) of one mapped source tensor. A tensor already in `dtype` is not
     copied: it may stay a view of the memory-mapped source, which the streaming writer copies straight to disk."""
+    if mapping.op == "take_rows":
+        check_take_rows(mapping, tuple(tensor.shape))
+        return [(name, tensor[0, start:stop].reshape(shape).to(dtype=dtype).contiguous())
+                for name, (start, stop, shape) in zip(mapping.targets, mapping.args)]
     if mapping.op == "split_qkv":
         if tensor.shape[0] % 3:
             raise ConversionError(f"a packed q/k/v projection needs a first dimension divisible by 3; got {tuple(tensor.shape)}.")
@@ -159,6 +176,9 @@ def apply_mapping(mapping, tensor, dtype, vocab_rows):
 
 
 def mapped_shapes(mapping, shape, vocab_rows):
+    if mapping.op == "take_rows":
+        check_take_rows(mapping, tuple(shape))
+        return [(name, tuple(out_shape)) for name, (_, _, out_shape) in zip(mapping.targets, mapping.args)]
     if mapping.op == "split_qkv":
         return [(name, (shape[0] // 3,) + tuple(shape[1:])) for name in mapping.targets]
     if mapping.op == "resize_vocab":

@@ -6,11 +6,10 @@ families is in conversion/llava.py. Never imports `modeling_tokenpacker` at impo
 from collections import OrderedDict
 from pathlib import Path
 
-from .common import ConversionError, read_json
+from .common import ConversionError, load_family_presets, read_json
 from .llava import PROJECTOR_PREFIX, Mapping, classify_common, unknown_tensor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PRESET_DIR = REPO_ROOT / "configuration"
 PROCESSOR_PRESET_DIR = REPO_ROOT / "processing" / "presets"
 ORIGINAL_MODEL_TYPES = ("llava", "llava_llama")
 DEFAULT_REGION_FEATURE_LAYERS = [12, 16, 22, 23]  # hard-coded in the original (multi-level CLIP features)
@@ -69,12 +68,8 @@ def classify(role, name, plan):
 
 
 def load_presets():
-    """{name: preset dict} from configuration/*.json."""
-    presets = {}
-    for path in sorted(PRESET_DIR.glob("*.json")):
-        preset = read_json(path)
-        presets[preset.get("name", path.stem)] = preset
-    return presets
+    """{name: preset dict} of the TokenPacker family from configuration/*.json (other families say `family`)."""
+    return load_family_presets("tokenpacker")
 
 
 def processor_preset(name):
