@@ -220,12 +220,14 @@ def test_reentrant_gradient_checkpointing_is_refused(vlora):
         copy.deepcopy(vlora).gradient_checkpointing_enable({"use_reentrant": True})
 
 
-def test_bf16_model_follows_the_float32_one(vlora, image_inputs):
-    half = copy.deepcopy(vlora).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_model_follows_the_float32_one(vlora, image_inputs, dtype):
+    half = copy.deepcopy(vlora).to(dtype)
     with torch.no_grad():
         reference = vlora(**image_inputs).logits
         logits = half(**image_inputs).logits.float()
-    assert logits.dtype == torch.float32 and half.dtype == torch.bfloat16
+        weights = half.get_perceptual_weights(image_inputs["pixel_values"])
+    assert half.dtype == dtype and weights["q"][0].dtype == dtype
     assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
 
 
