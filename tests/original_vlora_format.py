@@ -7,7 +7,7 @@ the perceptual weights generator under ``model.mm_projector.*``, the frozen CLIP
 ``model.vision_tower.vision_tower.vision_model.*`` in a raw training save), the file layouts and dtypes,
 with tiny sizes. ``tests/fixtures/make_vlora_fixtures.py`` runs the original code on exactly these
 folders to produce the reference fixtures in ``tests/fixtures/vlora/``; tests rebuild the folders
-(bit-identical, see ``file_digests``) and compare.
+(bit-identical, see ``original_vlora_digests.file_digests``) and compare.
 
 Every tensor value comes from a PCG64 bit stream seeded by the tensor's name (``numpy`` guarantees
 ``random_raw`` streams across versions and platforms) turned into floats with exact float64 arithmetic
@@ -81,7 +81,6 @@ shared. The stage-2 checkpoints also hold the tokenizer (``tokenizer.model``, a 
 import hashlib
 import os
 import shutil
-import zipfile
 from collections import OrderedDict, namedtuple
 
 import numpy as np
@@ -550,53 +549,6 @@ def build_original_checkpoint(root, variant):
 def build_all(root, variants=None):
     """Build every variant (or the given ones) under ``root``; returns ``{variant: OriginalVLoRACheckpoint}``."""
     return OrderedDict((name, build_original_checkpoint(root, name)) for name in (variants or VARIANTS))
-
-
-# --------------------------------------------------------------------------------------------
-# digests (recorded in the fixtures' provenance; tests/test_vlora_fixtures.py compares them)
-# --------------------------------------------------------------------------------------------
-
-def file_digests(root):
-    """``{relative posix path: sha256 hex}`` of every file under ``root`` (sorted)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            with open(full, "rb") as fh:
-                out[rel] = hashlib.sha256(fh.read()).hexdigest()
-    return dict(sorted(out.items()))
-
-
-def tensor_digest(state_dict):
-    """sha256 over (name, dtype, shape, raw bytes) of every tensor, in name order: independent of the container."""
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        t = state_dict[k].contiguous()
-        h.update(f"{k}|{str(t.dtype)}|{list(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def weight_file_content_digest(path):
-    """``tensor_digest`` of a ``.bin`` (torch.save) or ``.safetensors`` file's tensors (pickles loaded weights-only)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return tensor_digest(load_file(path))
-    if zipfile.is_zipfile(path) and any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
-        return tensor_digest(torch.load(path, map_location="cpu", weights_only=True))
-    raise ValueError(f"not a weight file: {path}")
-
-
-def content_digests(root):
-    """``{relative path: tensor_digest}`` of the weight files under ``root`` (``training_args.bin`` is not one)."""
-    out = {}
-    for rel in file_digests(root):
-        if rel.endswith(".safetensors") or (rel.endswith(".bin") and not rel.endswith("training_args.bin")):
-            out[rel] = weight_file_content_digest(os.path.join(root, *rel.split("/")))
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import original_vlora_format as ov
+from original_vlora_digests import content_digests, file_digests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures", "vlora")
@@ -40,7 +41,7 @@ def _is_torch_save(rel):
 def test_rebuilt_checkpoints_are_the_recorded_files(reference, built):
     data, _ = reference
     recorded = data["provenance"]["checkpoints"]
-    files = ov.file_digests(built)
+    files = file_digests(built)
     assert sorted(files) == sorted(recorded["files_sha256"])
     # torch.save archives hold pickles whose bytes may change with the torch release: compare their tensors
     # always, their bytes when the torch version is the one the fixtures were made with
@@ -48,7 +49,7 @@ def test_rebuilt_checkpoints_are_the_recorded_files(reference, built):
     differ = [rel for rel, h in files.items() if h != recorded["files_sha256"][rel]
               and (same_torch or not _is_torch_save(rel) or rel.endswith("training_args.bin"))]
     assert differ == []
-    assert ov.content_digests(built) == recorded["weights_tensor_sha256"]
+    assert content_digests(built) == recorded["weights_tensor_sha256"]
 
 
 def test_rebuilt_configs_match_the_recorded_variants(reference, built):
