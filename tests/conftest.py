@@ -68,6 +68,22 @@ def processor(tokenizer, tiny_model):
 
 
 @pytest.fixture(scope="session")
+def vlora(tokenizer):
+    """Tiny VLoRA (deltas on q, k, v, o, m of layers 1 and 3, B drawn non-zero) with a LLaMA language model, in eval
+    mode; tests that change it work on a copy."""
+    from modeling_tokenpacker.demo_vlora import build_tiny_vlora_model
+
+    return build_tiny_vlora_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def vlora_processor(tokenizer):
+    from modeling_tokenpacker.demo_vlora import build_tiny_vlora_processor
+
+    return build_tiny_vlora_processor(tokenizer)
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, tiny_model, processor):
     """The tiny model and processor saved once (remote code included); tests only read it."""
     path = tmp_path_factory.mktemp("tiny") / "ckpt"

@@ -13,20 +13,9 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, pipeline
 
 from modeling_tokenpacker import VLoRAForConditionalGeneration
-from modeling_tokenpacker.demo_vlora import build_tiny_vlora_model, build_tiny_vlora_processor
 from test_remote_code import PROMPTS, run_child
 
 NEW_TOKENS = 5
-
-
-@pytest.fixture(scope="module")
-def vlora(tokenizer):
-    return build_tiny_vlora_model(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def vlora_processor(tokenizer):
-    return build_tiny_vlora_processor(tokenizer)
 
 
 @pytest.fixture(scope="module")

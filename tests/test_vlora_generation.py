@@ -6,21 +6,11 @@ import pytest
 import torch
 from transformers import TextIteratorStreamer
 
-from modeling_tokenpacker.demo_vlora import build_tiny_vlora_model, build_tiny_vlora_processor
+from modeling_tokenpacker.demo_vlora import build_tiny_vlora_model
 
 PROMPTS = ["USER: <image>\nWhat is in the image? ASSISTANT:", "USER: <image>\nDescribe the image briefly. ASSISTANT:"]
 TEXT_PROMPT = "USER: Describe a cat. ASSISTANT:"
 NEW_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def vlora(tokenizer):
-    return build_tiny_vlora_model(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def vlora_processor(tokenizer):
-    return build_tiny_vlora_processor(tokenizer)
 
 
 def generate(model, inputs, **kwargs):

@@ -8,20 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from modeling_tokenpacker import VLoRAConfig, VLoRAForConditionalGeneration
 from modeling_tokenpacker.demo_vlora import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, build_tiny_vlora_model
-from modeling_tokenpacker.demo_vlora import build_tiny_vlora_processor
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 TEXT_PROMPT = "USER: Describe a cat. ASSISTANT:"
-
-
-@pytest.fixture(scope="module")
-def vlora(tokenizer):
-    return build_tiny_vlora_model(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def vlora_processor(tokenizer):
-    return build_tiny_vlora_processor(tokenizer)
 
 
 @pytest.fixture(scope="module")

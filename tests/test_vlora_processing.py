@@ -7,14 +7,8 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from modeling_tokenpacker import TokenPackerImageProcessor, VLoRAImageProcessor
-from modeling_tokenpacker.demo_vlora import build_tiny_vlora_processor
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
-
-
-@pytest.fixture(scope="module")
-def vlora_processor(tokenizer):
-    return build_tiny_vlora_processor(tokenizer)
 
 
 def test_each_image_is_one_placeholder_between_separately_tokenized_chunks(vlora_processor, tokenizer, images):
