@@ -3,6 +3,7 @@
     python benchmarks/shapes_experiment.py experiment            # 10 projectors x 3 seeds -> benchmarks/results/
     python benchmarks/shapes_experiment.py experiment --toy      # a smoke run in seconds (tests/test_shapes.py)
     python benchmarks/shapes_experiment.py one tokenpacker-144 0 --workdir W   # one variant and seed
+    python benchmarks/shapes_experiment.py demo-model            # retrain the demo's embedded checkpoint
 
 Each run builds a random-weights model of one variant (`modeling_tokenpacker.shapes_model.VARIANTS`: the same vision
 tower, language model and tokenizer, only the projector differs), trains everything from scratch with
@@ -74,7 +75,8 @@ def train_and_evaluate(variant, seed, workdir, args):
     if done.returncode:
         raise SystemExit(f"training {variant} seed {seed} failed; see {log}:\n{log.read_text()[-3000:]}")
     scores = evaluate(run / "model", args.test_scenes, args.threads)
-    return {"variant": variant, "seed": seed, "train_wall_s": round(wall, 1), **scores}
+    return {"variant": variant, "seed": seed, "train_wall_s": round(wall, 1), "threads": args.threads,
+            "recipe": recipe(args), **scores}
 
 
 def evaluate(folder, test_scenes, threads=1):
@@ -154,6 +156,43 @@ def plot(rows, path):
     figure.savefig(path, dpi=110)
 
 
+# The files of a trained run that the package ships as the demo's checkpoint (no remote code: `demo_quiz` adds this
+# release's; no pickles such as training_args.bin).
+SHIPPED_SUFFIXES = (".json", ".safetensors", ".jinja")
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "modeling_tokenpacker" / "demo_model"
+DEMO_MODEL_LIMIT = 10 * 2**20
+DEMO_VARIANT = "tokenpacker-36"
+
+
+def demo_model(args, workdir):
+    """Train `args.variants[0]` with seed `args.seeds[0]`, evaluate it on the test split and replace the package's
+    embedded checkpoint (`args.output`) with it and its record (`training.json`)."""
+    variant, seed = args.variants[0], args.seeds[0]
+    result = train_and_evaluate(variant, seed, workdir, args)
+    (workdir / "runs" / f"{variant}-seed{seed}.json").write_text(json.dumps(result))
+    trained = workdir / "runs" / f"{variant}-seed{seed}" / "model"
+    staging = args.output.with_name(args.output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for path in sorted(trained.iterdir()):
+        if path.is_file() and path.name.endswith(SHIPPED_SUFFIXES):
+            shutil.copyfile(path, staging / path.name)
+    size = sum(path.stat().st_size for path in staging.iterdir())
+    if size > DEMO_MODEL_LIMIT:
+        shutil.rmtree(staging)
+        raise SystemExit(f"the trained checkpoint is {size / 2**20:.1f} MB; the package ships at most "
+                         f"{DEMO_MODEL_LIMIT / 2**20:.0f} MB.")
+    record = {"variant": variant, "seed": seed, "recipe": recipe(args), "machine": machine(),
+              "train_wall_s": result["train_wall_s"], "test_questions": args.test_scenes * len(shapes_task.QUESTION_KINDS),
+              "test_accuracy": result["accuracy"], "command": "python benchmarks/shapes_experiment.py demo-model",
+              "size_bytes": size}
+    (staging / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    shutil.rmtree(args.output, ignore_errors=True)
+    staging.replace(args.output)
+    print(json.dumps(record, indent=1))
+    return record
+
+
 def experiment(args, workdir):
     write_split(workdir, "train", args.train_scenes)
     jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
@@ -184,8 +223,11 @@ def experiment(args, workdir):
 
 
 def run_in_child(variant, seed, workdir, args):
-    """`train_and_evaluate` in a child process (its own torch thread setting and memory)."""
+    """`train_and_evaluate` in a child process (its own torch thread setting and memory); a run of the same recipe
+    already finished in `workdir` (by an interrupted experiment, or by demo-model) is reused."""
     out = workdir / "runs" / f"{variant}-seed{seed}.json"
+    if out.exists() and json.loads(out.read_text()).get("recipe") == recipe(args):
+        return json.loads(out.read_text())
     command = [sys.executable, os.path.abspath(__file__), "one", variant, str(seed), "--workdir", str(workdir),
                *common_flags(args)]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -208,29 +250,37 @@ def machine():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["experiment", "one"])
+    parser.add_argument("mode", choices=["experiment", "one", "demo-model"])
     parser.add_argument("variant", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("seed", nargs="?", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--variants", nargs="+", default=list(shapes_model.VARIANTS), choices=shapes_model.VARIANTS)
+    parser.add_argument("--variants", nargs="+", choices=shapes_model.VARIANTS,
+                        help=f"default: every variant; demo-model: {DEMO_VARIANT}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--train-scenes", type=int, default=2000, help="training scenes (5 questions each)")
-    parser.add_argument("--test-scenes", type=int, default=200, help="test scenes (5 questions each)")
-    parser.add_argument("--steps", type=int, default=600)
+    # The defaults are the embedded demo model's recipe (modeling_tokenpacker/demo_model/training.json).
+    parser.add_argument("--train-scenes", type=int, default=4000, help="training scenes (one 5-question conversation each)")
+    parser.add_argument("--test-scenes", type=int, default=100, help="test scenes (5 questions each)")
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: 1; demo-model: 2)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--workdir", type=Path, help="data and runs (default: a temporary folder)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--output", type=Path, default=DEMO_MODEL_DIR, help="demo-model: where the checkpoint goes")
     parser.add_argument("--toy", action="store_true", help="tiny sizes: a smoke run of the whole pipeline")
     args = parser.parse_args(argv)
+    demo = args.mode == "demo-model"
+    args.variants = args.variants or ([DEMO_VARIANT] if demo else list(shapes_model.VARIANTS))
+    args.threads = args.threads or (2 if demo else 1)
     if args.toy:
         args.train_scenes, args.test_scenes, args.steps, args.batch_size = 4, 2, 2, 4
         args.seeds = args.seeds[:2]
     with tempfile.TemporaryDirectory(prefix="shapes_") as scratch:
         workdir = args.workdir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
+        if args.mode == "demo-model":
+            return demo_model(args, workdir)
         if args.mode == "one":
             result = train_and_evaluate(args.variant, args.seed, workdir, args)
             (workdir / "runs" / f"{args.variant}-seed{args.seed}.json").write_text(json.dumps(result))

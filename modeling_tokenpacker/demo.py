@@ -1,16 +1,21 @@
 """The main job: chat about an image with a TokenPacker checkpoint.
 
-    tokenpacker-demo                      # builds a tiny random checkpoint offline, reloads it as remote code
+    tokenpacker-demo                      # the embedded model, trained on the shapes task, answers a quiz
+    tokenpacker-demo --random-weights     # a tiny random checkpoint built offline: a smoke run of the pipeline
     tokenpacker-demo --model PATH --image FILE --prompt "What is in the image?"
 
-With no arguments a tiny random TokenPacker checkpoint (CLIP-shaped tower with the real 24 x 24 patch grid, tiny
-LLaMA) is built and saved with its remote code; a fresh Python process that does not import this package loads it
-through `AutoModelForImageTextToText(..., trust_remote_code=True)`, runs the processor and `generate` on a
-synthesized image and prints the timings. Not shipped inside checkpoints.
+With no arguments the embedded checkpoint (`demo_model/`, a tiny TokenPacker trained from scratch on
+`shapes_task.py`; see `demo_quiz.py`) is written out with its remote code; a fresh Python process that does not
+import this package loads it through `AutoModelForImageTextToText(..., trust_remote_code=True)` and answers questions
+about freshly generated pictures, and the answers are scored. With `--random-weights` a tiny random checkpoint (CLIP-
+shaped tower with the real 24 x 24 patch grid, tiny LLaMA) goes the same way and answers one prompt about a
+synthesized image. Both print the visual token counts and timings. Not shipped inside checkpoints.
 """
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,10 +134,11 @@ def synthesize_image(width=480, height=360):
 
 
 class TimingStreamer(TextStreamer):
-    """Prints the answer as it is generated and records when each generated token arrived."""
+    """Prints the answer as it is generated (unless `echo=False`) and records when each generated token arrived."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, echo=True):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.echo = echo
         self.start = time.perf_counter()
         self.token_times = []
 
@@ -140,6 +146,10 @@ class TimingStreamer(TextStreamer):
         if not self.next_tokens_are_prompt:
             self.token_times.append(time.perf_counter())
         super().put(value)
+
+    def on_finalized_text(self, text, stream_end=False):
+        if self.echo:
+            super().on_finalized_text(text, stream_end)
 
 
 def say(line):
@@ -162,8 +172,8 @@ def describe_visual_budget(config, input_ids):
     say(f"prompt tokens: {input_ids.shape[1]}, of which {image_tokens} image tokens")
 
 
-def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None, random_weights=False):
-    """Load a checkpoint (remote code allowed), answer `prompt` about the image, print timings; returns the text."""
+def load(model_path, quantization=None):
+    """The model (remote code allowed; bf16 on a GPU, 4/8-bit with `quantization`) and its processor."""
     load_kwargs = {"trust_remote_code": True}
     if torch.cuda.is_available():
         load_kwargs.update(device_map="auto", **{DTYPE_KWARG: torch.bfloat16})
@@ -179,10 +189,18 @@ def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None, r
         )
     say(f"loading {model_path} with trust_remote_code=True ...")
     model = AutoModelForImageTextToText.from_pretrained(model_path, **load_kwargs).eval()
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    return model, AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+
+
+def image_prompt(processor, prompt):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[image_path], text=[text], return_tensors="pt").to(model.device)
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None, random_weights=False):
+    """Load a checkpoint (remote code allowed), answer `prompt` about the image, print timings; returns the text."""
+    model, processor = load(model_path, quantization)
+    inputs = processor(images=[image_path], text=[image_prompt(processor, prompt)], return_tensors="pt").to(model.device)
     say(f"model class:  {type(model).__module__}.{type(model).__name__}")
     describe_visual_budget(model.config, inputs["input_ids"])
     if random_weights:
@@ -200,6 +218,37 @@ def chat(model_path, image_path, prompt, max_new_tokens=32, quantization=None, r
     say(f"prefill (vision tower + projector + LM over the prompt): {prefill * 1000:.1f} ms")
     say(f"decode: {len(times)} tokens, {decode_rate:.1f} tokens/s")
     return answer
+
+
+def answer_quiz(model_path, quiz_path, answers_path, max_new_tokens=4, quantization=None):
+    """Answer every question of a quiz file (`[{"image", "question", ...}]`, written by `demo_quiz.write_quiz`) one
+    at a time, greedily, print the token counts and timings, and write the answers (a JSON list) to `answers_path`."""
+    model, processor = load(model_path, quantization)
+    quiz = json.loads(open(quiz_path).read())
+    say(f"model class:  {type(model).__module__}.{type(model).__name__}")
+    answers, prefill, decode = [], [], []
+    for number, item in enumerate(quiz):
+        inputs = processor(images=[item["image"]], text=[image_prompt(processor, item["question"])],
+                           return_tensors="pt").to(model.device)
+        if number == 0:
+            describe_visual_budget(model.config, inputs["input_ids"])
+            say(f"answering {len(quiz)} questions, one at a time (greedy, up to {max_new_tokens} tokens) ...")
+        streamer = TimingStreamer(processor.tokenizer, echo=False)  # the parent prints the answers
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+        times = streamer.token_times
+        prefill.append(times[0] - start)
+        decode.extend(b - a for a, b in zip(times, times[1:]))
+        answers.append(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+    say(f"prefill (vision tower + projector + LM over the prompt): median {statistics.median(prefill) * 1000:.1f} ms "
+        f"over {len(prefill)} questions")
+    if decode:
+        say(f"decode: {1 / statistics.median(decode):.1f} tokens/s (median)")
+    with open(answers_path + ".tmp", "w") as handle:
+        json.dump(answers, handle)
+    os.replace(answers_path + ".tmp", answers_path)
+    return answers
 
 
 def build_demo_checkpoint(output_dir):
@@ -243,33 +292,54 @@ def run_tiny_demo(workdir, max_new_tokens, family="tokenpacker"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", help="checkpoint folder or Hub id (None: build and run a tiny random checkpoint)")
+    parser.add_argument("--model", help="checkpoint folder or Hub id (None: the embedded shapes-task model's quiz, or "
+                                         "with --random-weights a tiny random checkpoint)")
     parser.add_argument("--image", help="image to ask about: a file, a file:// or http(s) URL")
     parser.add_argument("--prompt", default="What is in the image?", help="question about the image")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate at most")
-    parser.add_argument("--output-dir", help="folder for the tiny checkpoint (None: a temporary folder)")
+    parser.add_argument("--output-dir", help="folder for the demo's checkpoint and images (None: a temporary folder)")
+    parser.add_argument("--questions", type=int, default=10, help="questions in the embedded model's quiz")
+    parser.add_argument("--seed", type=int, help="seed of the quiz's pictures (None: new ones each run)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build a tiny random checkpoint instead of the embedded trained one: a smoke run whose "
+                             "answer is nonsense")
     parser.add_argument("--family", choices=("tokenpacker", "vlora"), default="tokenpacker",
-                        help="model family of the tiny checkpoint built without --model")
-    parser.add_argument("--random-weights", action="store_true", help=argparse.SUPPRESS)
+                        help="model family of the random checkpoint (vlora implies --random-weights)")
+    parser.add_argument("--quiz", help=argparse.SUPPRESS)  # the fresh process's side of the quiz
+    parser.add_argument("--answers", help=argparse.SUPPRESS)
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="quantize the language model to 4 bits (bitsandbytes)")
     quant.add_argument("--load-in-8bit", action="store_true", help="quantize the language model to 8 bits (bitsandbytes)")
     args = parser.parse_args(argv)
+    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
 
+    if args.model and args.quiz:
+        answer_quiz(args.model, args.quiz, args.answers, args.max_new_tokens, quantization)
+        return 0
     if args.model:
         if not args.image:
             parser.error("--model needs --image FILE")
         if "://" not in args.image and not os.path.isfile(args.image):
             parser.error(f"--image {args.image}: no such file")
-        quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
         answer = chat(args.model, args.image, args.prompt, args.max_new_tokens, quantization, args.random_weights)
         say(f"generated text: {answer!r}")
         return 0
+    if args.questions < 1:
+        parser.error(f"--questions must be at least 1; got {args.questions}")
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-        return run_tiny_demo(args.output_dir, args.max_new_tokens, args.family)
+        return run_demo(os.path.abspath(args.output_dir), args)
     with tempfile.TemporaryDirectory(prefix="tokenpacker_demo_") as workdir:
+        return run_demo(workdir, args)
+
+
+def run_demo(workdir, args):
+    if args.random_weights or args.family == "vlora":
         return run_tiny_demo(workdir, args.max_new_tokens, args.family)
+    from modeling_tokenpacker.demo_quiz import run_quiz  # absolute: this file also runs as a script, the quiz's child
+
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(3), "little")
+    return run_quiz(workdir, args.questions, seed, say=say)
 
 
 if __name__ == "__main__":

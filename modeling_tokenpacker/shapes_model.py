@@ -41,15 +41,54 @@ def build_tokenizer():
 
 
 def build_model(tokenizer, variant, seed=0):
-    """A random-weights model of `variant` (see `VARIANTS`)."""
+    """A random-weights model of `variant` (see `VARIANTS`), initialised for training from scratch
+    (`init_from_scratch`)."""
     from .demo import build_tiny_model
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}; got {variant!r}.")
     projector_type, scale_factor = VARIANTS[variant]
-    return build_tiny_model(tokenizer, projector_type, scale_factor, text_config=TEXT_CONFIG, seed=seed,
-                            vision_config=VISION_CONFIG, vision_feature_layer=VISION_FEATURE_LAYER,
-                            region_feature_layers=REGION_FEATURE_LAYERS, projector_num_heads=4)
+    model = build_tiny_model(tokenizer, projector_type, scale_factor, text_config=TEXT_CONFIG, seed=seed,
+                             vision_config=VISION_CONFIG, vision_feature_layer=VISION_FEATURE_LAYER,
+                             region_feature_layers=REGION_FEATURE_LAYERS, projector_num_heads=4)
+    init_from_scratch(model, seed)
+    return model
+
+
+def init_from_scratch(model, seed=0):
+    """Every linear layer (tower, projector, LM) drawn as N(0, 1/fan_in) with zero bias (LeCun-normal), and the
+    tower's patch position embeddings set to 2-D sine-cosine ones (`sincos_position_embeddings`, MAE's choice for
+    ViTs trained from scratch), the class position to zero. transformers' init (std 0.02, meant for wide models that
+    are then pre-trained) leaves these 64/128-wide layers nearly silent and the patches without a position: trained
+    from it, the model stayed at chance on this task in every run we made."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * module.in_features ** -0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+        vision = model.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        embedding = next(m for name, m in model.named_modules() if name.endswith("embeddings.position_embedding"))
+        embedding.weight.zero_()
+        embedding.weight[1:] = sincos_position_embeddings(grid, embedding.weight.shape[1])
+
+
+def sincos_position_embeddings(grid, dim):
+    """`[grid * grid, dim]` 2-D sine-cosine position embeddings in raster order: the first half of the channels encode
+    the row, the second the column, each as sines and cosines of `dim // 4` frequencies from 1 to 1/10000."""
+    if dim % 4:
+        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4; got {dim}.")
+    quarter = dim // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coordinate in (rows.reshape(-1), cols.reshape(-1)):
+        angles = coordinate[:, None] * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, 1).float()
 
 
 def build_checkpoint(folder, variant, seed=0):

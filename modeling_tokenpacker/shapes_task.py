@@ -6,9 +6,11 @@ digit in the centre, with one-word answers. Deterministic: a scene is a function
     rows = llava_rows(split="train", count=2000, image_folder=FOLDER)   # tokenpacker-train's LLaVA JSON rows
 
 Questions (`QUESTION_KINDS`): the colour or the shape in a quadrant, how many shapes of a kind, which of two
-colours is the larger shape, the digit in the centre. Shapes are 12-40 px on a 336 px image, so a single 14-px
-patch holds most of one, and the digit (16-24 px high, 7-segment) needs its strokes resolved. Splits draw seeds
-from disjoint ranges (`SPLIT_SEEDS`), so no test scene is ever trained on. Not shipped inside checkpoints.
+colours is the larger shape, the digit in the centre. Shapes are 24-72 px on a 336 px image (2 to 5 patches of
+14 px across; 1 to 3 of TokenPacker-36's 56-px regions), and the digit is 48-96 px high, 7-segment, with strokes of
+6-13 px. (With smaller ones, 12-40 px shapes and 16-24 px digits, every tiny model we trained from scratch, for up
+to 2,400 steps, stayed at chance.) Splits draw seeds from disjoint ranges (`SPLIT_SEEDS`), so no test scene is ever
+trained on. Not shipped inside checkpoints.
 """
 
 import dataclasses
@@ -25,8 +27,8 @@ COLOURS = {"red": (215, 35, 35), "green": (35, 160, 55), "blue": (35, 75, 215), 
 SHAPES = ("circle", "square", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_KINDS = ("colour", "shape", "count", "larger", "digit")
-SHAPE_SIZES = (12, 40)
-DIGIT_HEIGHTS = (16, 24)
+SHAPE_SIZES = (24, 72)
+DIGIT_HEIGHTS = (48, 96)
 # Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
 # f (top left), g (middle).
 SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abged", "3": "abgcd", "4": "fgbc", "5": "afgcd", "6": "afgedc",
@@ -36,7 +38,6 @@ SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 SPLIT_SIZE = 10_000_000
 FRESH_SEEDS = 30_000_000  # `fresh_examples`' scenes: beyond every split
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
-DESCRIBE_QUESTION = "Describe the picture."
 
 
 @dataclasses.dataclass
@@ -67,13 +68,6 @@ class Scene:
         noise = np.random.default_rng(self.noise_seed).integers(-6, 7, (IMAGE_SIZE, IMAGE_SIZE, 1))
         pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
         return Image.fromarray(pixels)
-
-    def description(self):
-        """Every detail in one answer, e.g. "top left green square, top right red circle, ..., centre 5": dense
-        supervision for training (the original's stage 1 trains on captions in the same spirit); never asked in
-        evaluation."""
-        parts = [f"{name} {shape.colour} {shape.kind}" for name, shape in zip(QUADRANTS, self.shapes)]
-        return ", ".join(parts + [f"centre {self.digit}"])
 
     def questions(self):
         """`[(question, answer, kind)]`, one of each kind in `QUESTION_KINDS`, drawn from the scene's seed."""
@@ -174,26 +168,30 @@ def fresh_examples(count, seed):
     return out
 
 
-def llava_rows(split, count, image_folder, describe=True):
-    """Render `count` scenes of `split` into `image_folder` (PNG) and return LLaVA rows, one per question (`<image>`
-    first, as the chat template puts it), for tokenpacker-train; with `describe`, one more per scene asking for its
-    `description()`."""
+def llava_rows(split, count, image_folder):
+    """Render `count` scenes of `split` into `image_folder` (PNG) and return tokenpacker-train's LLaVA rows: one
+    conversation per scene that asks its `questions()` in an order shuffled by the scene's seed (`<image>` in the
+    first turn, as the chat template puts it). One pass of the vision tower then supervises every kind of answer,
+    where one row per question supervises one: in our runs (750 steps from scratch), the tiny models learnt the digit
+    and size questions only this way."""
     os.makedirs(image_folder, exist_ok=True)
     rows = []
     for seed in split_seeds(split, count):
         scene = make_scene(seed)
         name = f"{split}_{seed - SPLIT_SEEDS[split]:07d}.png"
         scene.render().save(os.path.join(image_folder, name))
-        questions = scene.questions() + ([(DESCRIBE_QUESTION, scene.description(), "describe")] if describe else [])
-        for question, answer, kind in questions:
-            rows.append({"id": f"{split}-{seed}-{kind}", "image": name, "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+        questions = scene.questions()
+        random.Random(scene.seed * 7 + 2).shuffle(questions)
+        conversation = []
+        for number, (question, answer, _) in enumerate(questions):
+            conversation += [{"from": "human", "value": ("<image>\n" if number == 0 else "") + question},
+                             {"from": "gpt", "value": answer}]
+        rows.append({"id": f"{split}-{seed}", "image": name, "conversations": conversation})
     return rows
 
 
 def corpus():
     """Every word the task's prompts and answers use (for training its tokenizer)."""
     words = [*COLOURS, *SHAPES, *(f"{s}s" for s in SHAPES), *QUADRANTS, *COUNT_WORDS, *SEGMENTS]
-    scene = make_scene(0)
-    questions = [q for q, _, _ in scene.questions()] + [DESCRIBE_QUESTION, scene.description()]
+    questions = [q for q, _, _ in make_scene(0).questions()]
     return " ".join(words + questions + [f"the {c} one or the {d} one?" for c in COLOURS for d in COLOURS])

@@ -1,13 +1,15 @@
-"""The main job (README's first command) runs end to end offline."""
+"""The main job (README's first command) runs end to end offline: the embedded model's quiz by default (its
+accuracy is tested in test_shapes.py), a tiny random checkpoint with --random-weights."""
 
 import re
 import subprocess
 import sys
 
 
-def test_demo_builds_reloads_as_remote_code_and_generates(tmp_path):
+def test_demo_with_random_weights_builds_reloads_as_remote_code_and_generates(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_tokenpacker.demo", "--output-dir", str(tmp_path), "--max-new-tokens", "8"],
+        [sys.executable, "-m", "modeling_tokenpacker.demo", "--random-weights", "--output-dir", str(tmp_path),
+         "--max-new-tokens", "8"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -33,8 +35,9 @@ def test_demo_with_model_requires_an_image():
 
 
 def test_demo_takes_a_relative_output_dir(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "modeling_tokenpacker.demo", "--output-dir", "relative/demo",
-                             "--max-new-tokens", "2"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-m", "modeling_tokenpacker.demo", "--random-weights", "--output-dir",
+                             "relative/demo", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "relative" / "demo" / "tiny_tokenpacker" / "config.json").is_file()
     assert re.search(r"generated text: '.+'", result.stdout)
