@@ -9,7 +9,7 @@ Questions (`QUESTION_KINDS`): the colour or the shape in a quadrant, how many sh
 colours is the larger shape, the digit in the centre. Shapes are 24-72 px on a 336 px image (2 to 5 patches of
 14 px across; 1 to 3 of TokenPacker-36's 56-px regions), and the digit is 48-96 px high, 7-segment, with strokes of
 6-13 px. (With smaller ones, 12-40 px shapes and 16-24 px digits, every tiny model we trained from scratch, for up
-to 2,400 steps, stayed at chance.) Splits draw seeds from disjoint ranges (`SPLIT_SEEDS`), so no test scene is ever
+to 2,400 steps, stayed near chance.) Splits draw seeds from disjoint ranges (`SPLIT_SEEDS`), so no test scene is ever
 trained on. Not shipped inside checkpoints.
 """
 
