@@ -74,7 +74,7 @@ def run_quiz(workdir, questions, seed, say=print):
         return status
     answers = json.loads(Path(answers_path).read_text())
     right = 0
-    for number, ((_, question, expected, kind), answer) in enumerate(zip(examples, answers), 1):
+    for number, ((_, question, expected, _), answer) in enumerate(zip(examples, answers), 1):
         hit = normalise(answer) == expected
         right += hit
         say(f"{number:>3}. {question:<62} answer: {answer.strip()!r:<12} expected: {expected!r:<10} "
