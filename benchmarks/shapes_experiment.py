@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from modeling_tokenpacker import shapes_model, shapes_task
+from modeling_tokenpacker.demo_quiz import DEMO_MODEL_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -159,7 +160,6 @@ def plot(rows, path):
 # The files of a trained run that the package ships as the demo's checkpoint (no remote code: `demo_quiz` adds this
 # release's; no pickles such as training_args.bin).
 SHIPPED_SUFFIXES = (".json", ".safetensors", ".jinja")
-DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "modeling_tokenpacker" / "demo_model"
 DEMO_MODEL_LIMIT = 10 * 2**20
 DEMO_VARIANT = "tokenpacker-36"
 

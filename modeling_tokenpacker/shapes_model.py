@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from .demo import image_prompt
 from .shapes_task import corpus
 
 # (projector_type, scale_factor) of each variant.
@@ -108,11 +109,6 @@ def normalise(text):
     return words[0] if words else ""
 
 
-def prompt_for(processor, question):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
 @torch.inference_mode()
 def answer_questions(model, processor, examples, batch_size=16, max_new_tokens=4):
     """Greedy answers to `[(scene, question, ...)]`, in batches (left-padded): -> list of strings."""
@@ -120,7 +116,7 @@ def answer_questions(model, processor, examples, batch_size=16, max_new_tokens=4
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         inputs = processor(images=[scene.render() for scene, *_ in chunk],
-                           text=[prompt_for(processor, question) for _, question, *_ in chunk],
+                           text=[image_prompt(processor, question) for _, question, *_ in chunk],
                            return_tensors="pt", padding=True).to(model.device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -140,7 +136,7 @@ def accuracy(examples, answers):
 def time_to_first_token(model, processor, scene, question, repeats=5):
     """Median seconds of the prefill (vision tower, projector, language model over the prompt) of one image prompt
     and its first greedy token, batch 1."""
-    inputs = processor(images=[scene.render()], text=[prompt_for(processor, question)], return_tensors="pt")
+    inputs = processor(images=[scene.render()], text=[image_prompt(processor, question)], return_tensors="pt")
     model.generate(**inputs, max_new_tokens=1, do_sample=False)  # warm-up
     times = []
     for _ in range(repeats):
