@@ -1,6 +1,7 @@
 """TokenPacker's claim in miniature: accuracy against visual tokens on the shapes task, all projectors trained alike.
 
     python benchmarks/shapes_experiment.py experiment            # 10 projectors x 3 seeds -> benchmarks/results/
+    python benchmarks/shapes_experiment.py experiment --finished-only   # the table of the runs recorded so far
     python benchmarks/shapes_experiment.py experiment --toy      # a smoke run in seconds (tests/test_shapes.py)
     python benchmarks/shapes_experiment.py one tokenpacker-144 0 --workdir W   # one variant and seed
     python benchmarks/shapes_experiment.py demo-model            # retrain the demo's embedded checkpoint
@@ -8,9 +9,12 @@
 Each run builds a random-weights model of one variant (`modeling_tokenpacker.shapes_model.VARIANTS`: the same vision
 tower, language model and tokenizer, only the projector differs), trains everything from scratch with
 `python -m modeling_tokenpacker.train --stage finetune --train_vision_tower true` on the same scenes, steps and
-seed, and answers the test split's questions greedily. Runs go two at a time, one thread each. TTFT (batch 1,
-median of 5) is measured afterwards, one model per variant, alone on the machine. Writes shapes_experiment.json /
-.csv / .png under benchmarks/results (or --results).
+seed, and answers the test split's questions greedily. Runs go two at a time, one thread each. Each finished run's
+record (accuracy per kind, wall time, recipe) is kept in `--records` (benchmarks/results/shapes_runs), and a run
+whose record has the same recipe is not made again: the experiment, hours on 2 cores, can be made a part at a time.
+TTFT (batch 1, median of 5, the thread count of a run) is measured afterwards on a random-weights model of each
+variant (the same shapes, so the same time), alone on the machine. Writes shapes_experiment.json / .csv / .png under
+benchmarks/results (or --results).
 """
 
 import argparse
@@ -35,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def recipe(args):
-    return {"train_scenes": args.train_scenes, "test_scenes": args.test_scenes, "steps": args.steps,
+    return {"task_version": shapes_task.TASK_VERSION, "train_scenes": args.train_scenes, "test_scenes": args.test_scenes, "steps": args.steps,
             "batch_size": args.batch_size, "learning_rate": args.learning_rate}
 
 
@@ -92,9 +96,12 @@ def evaluate(folder, test_scenes, threads=1):
             "visual_tokens": model.config.image_seq_length}
 
 
-def measure_ttft(folder):
+def measure_ttft(variant, folder, threads=1):
+    """TTFT of a random-weights checkpoint of `variant` written to `folder` (the trained one times the same)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    torch.set_num_threads(threads)
+    shapes_model.build_checkpoint(folder, variant)
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     scene = shapes_task.make_scene(shapes_task.SPLIT_SEEDS["test"])
@@ -165,12 +172,14 @@ DEMO_VARIANT = "tokenpacker-36"
 
 
 def demo_model(args, workdir):
-    """Train `args.variants[0]` with seed `args.seeds[0]`, evaluate it on the test split and replace the package's
-    embedded checkpoint (`args.output`) with it and its record (`training.json`)."""
+    """Train `args.variants[0]` with seed `args.seeds[0]` (or take the run an experiment made in `workdir` with this
+    recipe), evaluate it on the test split and replace the package's embedded checkpoint (`args.output`) with it and
+    its record (`training.json`)."""
     variant, seed = args.variants[0], args.seeds[0]
-    result = train_and_evaluate(variant, seed, workdir, args)
-    (workdir / "runs" / f"{variant}-seed{seed}.json").write_text(json.dumps(result))
     trained = workdir / "runs" / f"{variant}-seed{seed}" / "model"
+    result = recorded(args, variant, seed) if (trained / "model.safetensors").exists() else None
+    if result is None:  # not already trained by an experiment in this workdir with this recipe
+        result = train_and_evaluate(variant, seed, workdir, args)
     staging = args.output.with_name(args.output.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -183,7 +192,8 @@ def demo_model(args, workdir):
         raise SystemExit(f"the trained checkpoint is {size / 2**20:.1f} MB; the package ships at most "
                          f"{DEMO_MODEL_LIMIT / 2**20:.0f} MB.")
     record = {"variant": variant, "seed": seed, "recipe": recipe(args), "machine": machine(),
-              "train_wall_s": result["train_wall_s"], "test_questions": args.test_scenes * len(shapes_task.QUESTION_KINDS),
+              "train_wall_s": result["train_wall_s"], "train_threads": result["threads"],
+              "test_questions": args.test_scenes * len(shapes_task.QUESTION_KINDS),
               "test_accuracy": result["accuracy"], "command": "python benchmarks/shapes_experiment.py demo-model",
               "size_bytes": size}
     (staging / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -194,24 +204,32 @@ def demo_model(args, workdir):
 
 
 def experiment(args, workdir):
-    write_split(workdir, "train", args.train_scenes)
-    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+    """Train and evaluate every (variant, seed) not yet recorded in `args.records` (all of them unless
+    `--finished-only`), then summarise every recorded run of this recipe: table, JSON, CSV and plot."""
+    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants
+            if recorded(args, variant, seed) is None]
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_in_child, variant, seed, workdir, args) for variant, seed in jobs]
-        results = []
-        for future in futures:
-            results.append(future.result())
-            r = results[-1]
-            print(f"{r['variant']:>16} seed {r['seed']}: accuracy {r['accuracy']['all']:.3f} "
-                  f"(train {r['train_wall_s']:.0f} s)", flush=True)
-    ttft = {variant: measure_ttft(workdir / "runs" / f"{variant}-seed{args.seeds[0]}" / "model")
-            for variant in args.variants}
+    if jobs and not args.finished_only:
+        write_split(workdir, "train", args.train_scenes)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for future in [pool.submit(run_in_child, variant, seed, workdir, args) for variant, seed in jobs]:
+                r = future.result()
+                print(f"{r['variant']:>16} seed {r['seed']}: accuracy {r['accuracy']['all']:.3f} "
+                      f"(train {r['train_wall_s']:.0f} s)", flush=True)
+    results = [r for seed in args.seeds for variant in args.variants
+               if (r := recorded(args, variant, seed)) is not None]
+    if not results:
+        raise SystemExit(f"no finished run of this recipe is recorded in {args.records}.")
+    done_variants = [variant for variant in args.variants if any(r["variant"] == variant for r in results)]
+    ttft = {variant: measure_ttft(variant, workdir / "ttft" / variant, args.threads) for variant in done_variants}
     rows = summarise(results, ttft)
     print_table(rows)
+    missing = len(args.variants) * len(args.seeds) - len(results)
+    if missing:
+        print(f"{missing} of the {len(args.variants) * len(args.seeds)} runs asked for are not finished yet")
     args.results.mkdir(parents=True, exist_ok=True)
     record = {"recipe": recipe(args), "seeds": args.seeds, "machine": machine(), "wall_s": time.perf_counter() - start,
-              "runs": results, "summary": rows}
+              "runs_missing": missing, "runs": results, "summary": rows}
     (args.results / "shapes_experiment.json").write_text(json.dumps(record, indent=1))
     with open(args.results / "shapes_experiment.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -222,16 +240,34 @@ def experiment(args, workdir):
     return record
 
 
+def record_path(args, variant, seed):
+    return args.records / f"{variant}-seed{seed}.json"
+
+
+def recorded(args, variant, seed):
+    """The recorded result of `variant` and `seed` if it was made with this recipe, else None."""
+    path = record_path(args, variant, seed)
+    if path.exists():
+        result = json.loads(path.read_text())
+        if result.get("recipe") == recipe(args):
+            return result
+    return None
+
+
+def save_record(args, result):
+    """Write a run's result to `args.records` atomically (a killed run leaves no half-written record)."""
+    args.records.mkdir(parents=True, exist_ok=True)
+    path = record_path(args, result["variant"], result["seed"])
+    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1) + "\n")
+    path.with_suffix(".tmp").replace(path)
+
+
 def run_in_child(variant, seed, workdir, args):
-    """`train_and_evaluate` in a child process (its own torch thread setting and memory); a run of the same recipe
-    already finished in `workdir` (by an interrupted experiment, or by demo-model) is reused."""
-    out = workdir / "runs" / f"{variant}-seed{seed}.json"
-    if out.exists() and json.loads(out.read_text()).get("recipe") == recipe(args):
-        return json.loads(out.read_text())
+    """`train_and_evaluate` in a child process (its own torch thread setting and memory); -> its record."""
     command = [sys.executable, os.path.abspath(__file__), "one", variant, str(seed), "--workdir", str(workdir),
-               *common_flags(args)]
+               "--records", str(args.records), *common_flags(args)]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    return json.loads(out.read_text())
+    return recorded(args, variant, seed)
 
 
 def common_flags(args):
@@ -266,6 +302,9 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--workdir", type=Path, help="data and runs (default: a temporary folder)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--records", type=Path, help="finished runs' records (default: RESULTS/shapes_runs)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: summarise the runs of this recipe recorded so far")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--output", type=Path, default=DEMO_MODEL_DIR, help="demo-model: where the checkpoint goes")
     parser.add_argument("--toy", action="store_true", help="tiny sizes: a smoke run of the whole pipeline")
@@ -273,6 +312,7 @@ def main(argv=None):
     demo = args.mode == "demo-model"
     args.variants = args.variants or ([DEMO_VARIANT] if demo else list(shapes_model.VARIANTS))
     args.threads = args.threads or (2 if demo else 1)
+    args.records = args.records or args.results / "shapes_runs"
     if args.toy:
         args.train_scenes, args.test_scenes, args.steps, args.batch_size = 4, 2, 2, 4
         args.seeds = args.seeds[:2]
@@ -283,7 +323,7 @@ def main(argv=None):
             return demo_model(args, workdir)
         if args.mode == "one":
             result = train_and_evaluate(args.variant, args.seed, workdir, args)
-            (workdir / "runs" / f"{args.variant}-seed{args.seed}.json").write_text(json.dumps(result))
+            save_record(args, result)
             return result
         return experiment(args, workdir)
 

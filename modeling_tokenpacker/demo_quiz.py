@@ -58,8 +58,8 @@ def run_quiz(workdir, questions, seed, say=print):
     checkpoint = embedded_checkpoint(os.path.join(workdir, "shapes_tokenpacker"))
     record = training_record()
     say(f"checkpoint: {checkpoint} (the embedded {record['variant']} model, trained from scratch on the shapes task "
-        f"in {record['train_wall_s'] / 60:.1f} min on {record['machine']}; test accuracy "
-        f"{record['test_accuracy']['all']:.0%} on {record['test_questions']} questions)")
+        f"in {record['train_wall_s'] / 60:.1f} min at {record['train_threads']} thread(s) on {record['machine']}; "
+        f"test accuracy {record['test_accuracy']['all']:.0%} on {record['test_questions']} questions)")
     quiz, examples = write_quiz(workdir, questions, seed)
     say(f"quiz: {questions} questions about freshly generated pictures (seed {seed}; --seed {seed} repeats them), "
         f"images in {workdir}")

@@ -57,11 +57,13 @@ def build_model(tokenizer, variant, seed=0):
 
 
 def init_from_scratch(model, seed=0):
-    """Every linear layer (tower, projector, LM) drawn as N(0, 1/fan_in) with zero bias (LeCun-normal), and the
-    tower's patch position embeddings set to 2-D sine-cosine ones (`sincos_position_embeddings`, MAE's choice for
-    ViTs trained from scratch), the class position to zero. transformers' init (std 0.02, meant for wide models that
-    are then pre-trained) leaves these 64/128-wide layers nearly silent and the patches without a position: trained
-    from it, the model stayed at chance on this task in every run we made."""
+    """Every linear layer (tower, projector, LM) and the tower's patch embedding drawn as N(0, 1/fan_in) with zero
+    bias (LeCun-normal), the LM's token embeddings as N(0, 1), and the tower's patch position embeddings set to 2-D
+    sine-cosine ones (`sincos_position_embeddings`, MAE's choice for ViTs trained from scratch), the class position to
+    zero. transformers' init (std 0.02, meant for wide models that are then pre-trained) leaves these 64/128-wide
+    layers nearly silent and the patches without a position; and with token embeddings of std 0.02 under layers of
+    unit scale, the first attention layer's output drowns which word a question token was, so no answer that
+    depends on the question's words (which shape, which colour) was ever learnt."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -69,6 +71,10 @@ def init_from_scratch(model, seed=0):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * module.in_features ** -0.5)
                 if module.bias is not None:
                     module.bias.zero_()
+        tokens = model.get_input_embeddings().weight
+        tokens.copy_(torch.randn(tokens.shape, generator=generator))
+        patches = model.model.vision_tower.embeddings.patch_embedding
+        patches.weight.copy_(torch.randn(patches.weight.shape, generator=generator) * patches.weight[0].numel() ** -0.5)
         vision = model.config.vision_config
         grid = vision.image_size // vision.patch_size
         embedding = next(m for name, m in model.named_modules() if name.endswith("embeddings.position_embedding"))

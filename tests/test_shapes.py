@@ -25,7 +25,9 @@ def test_a_scene_is_a_function_of_its_seed():
     assert first == again and first != other
     assert np.array_equal(np.asarray(first.render()), np.asarray(again.render()))
     assert first.questions() == again.questions()
-    assert shapes_task.fresh_examples(3, seed=1)[0][1:] == shapes_task.fresh_examples(3, seed=1)[0][1:]
+    quiz = shapes_task.fresh_examples(10, seed=1)
+    assert [kind for *_, kind in quiz] == list(shapes_task.QUESTION_KINDS) * 2
+    assert [row[1:] for row in quiz] == [row[1:] for row in shapes_task.fresh_examples(10, seed=1)]
 
 
 def test_splits_never_share_a_scene():
@@ -46,19 +48,26 @@ def test_the_picture_shows_what_the_answers_say(seed):
         assert np.abs(pixels[y, x] - shapes_task.COLOURS[shape.colour]).max() <= 6  # the noise's amplitude
         assert (x >= 168) == (quadrant % 2 == 1) and (y >= 168) == (quadrant >= 2)
     assert len({shape.colour for shape in scene.shapes}) == 4
-    answers = {kind: (question, answer) for question, answer, kind in scene.questions()}
-    question, answer = answers["colour"]
-    assert answer == scene.shapes[shapes_task.QUADRANTS.index(re.search(r"in the (.+)\?", question)[1])].colour
-    question, answer = answers["count"]
-    kind = re.search(r"How many (\w+)s are", question)[1]
-    assert answer == shapes_task.COUNT_WORDS[sum(shape.kind == kind for shape in scene.shapes)]
-    question, answer = answers["larger"]
-    a, b = re.search(r"the (\w+) one or the (\w+) one", question).groups()
-    size = {shape.colour: shape.size for shape in scene.shapes}
-    assert answer == (a if size[a] > size[b] else b) and max(size[a], size[b]) >= 1.3 * min(size[a], size[b])
+    by_colour = {shape.colour: shape for shape in scene.shapes}
+    asked = scene.questions()
+    assert [kind for _, _, kind in asked] == list(shapes_task.QUESTION_KINDS)
+    for question, answer, kind in asked:
+        if kind == "colour":
+            extreme = re.search(r"the (smallest|largest) shape", question)[1]
+            assert answer == (min if extreme == "smallest" else max)(scene.shapes, key=lambda s: s.size).colour
+        elif kind == "shape":
+            assert answer == by_colour[re.search(r"the (\w+) one\?", question)[1]].kind
+        elif kind == "count":
+            shape_kind = re.search(r"How many (\w+)s are", question)[1]
+            assert answer == shapes_task.COUNT_WORDS[sum(shape.kind == shape_kind for shape in scene.shapes)]
+        elif kind == "larger":
+            a, b = (by_colour[c].size for c in re.search(r"the (\w+) one or the (\w+) one", question).groups())
+            assert answer in question and by_colour[answer].size == max(a, b) and max(a, b) >= 1.3 * min(a, b)
+        else:
+            assert answer == scene.digit
     # The digit's strokes are dark, its box's centre column (between the vertical strokes) is not all dark.
     centre = pixels[168 - scene.digit_height // 2:168 + scene.digit_height // 2, 160:176].mean(-1)
-    assert (centre < 60).any() and answers["digit"][1] == scene.digit
+    assert (centre < 60).any()
 
 
 def test_llava_rows_are_one_conversation_per_scene_that_trains_with_the_recipe(tmp_path):
@@ -77,12 +86,14 @@ def test_llava_rows_are_one_conversation_per_scene_that_trains_with_the_recipe(t
     assert processor.tokenizer.decode(supervised, skip_special_tokens=True).split() == answers
 
 
-def test_task_models_start_from_lecun_normal_layers_and_sine_cosine_patch_positions():
+def test_task_models_start_from_lecun_normal_layers_unit_token_embeddings_and_sine_cosine_patch_positions():
     model = shapes_model.build_model(shapes_model.build_tokenizer(), "tokenpacker-36", seed=3)
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.numel() >= 4096:
-            assert abs(module.weight.std().item() * module.in_features ** 0.5 - 1) < 0.1, name
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.weight.numel() >= 4096:
+            fan_in = module.weight[0].numel()
+            assert abs(module.weight.std().item() * fan_in ** 0.5 - 1) < 0.1, name
             assert module.bias is None or not module.bias.any(), name
+    assert abs(model.get_input_embeddings().weight.std().item() - 1) < 0.05  # as large as a layer's output
     positions = next(m for n, m in model.named_modules() if n.endswith("embeddings.position_embedding")).weight
     grid = positions[1:].reshape(24, 24, 64)
     assert not positions[0].any() and torch.equal(positions[1:], shapes_model.sincos_position_embeddings(24, 64))
@@ -144,25 +155,39 @@ def test_a_baseline_model_generates_and_saves_as_remote_code(variant, tmp_path):
     assert {"avg_pool": "average pooling", "resampler": "a learned-query resampler"}[variant.split("-")[0]] in card
 
 
-def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shapes_experiment.py"), "experiment", "--toy",
-                             "--variants", "tokenpacker-36", "avg_pool-36", "--seeds", "0", "--results",
-                             str(tmp_path / "results"), "--workdir", str(tmp_path / "work"), "--no-plot"],
-                            capture_output=True, text=True, timeout=600)
+def test_the_experiment_runs_end_to_end_at_toy_size_and_keeps_each_finished_run(tmp_path):
+    def experiment(*flags):
+        return subprocess.run([sys.executable, str(REPO / "benchmarks" / "shapes_experiment.py"), "experiment", "--toy",
+                               "--results", str(tmp_path / "results"), "--workdir", str(tmp_path / "work"), "--no-plot",
+                               *flags], capture_output=True, text=True, timeout=600)
+
+    result = experiment("--variants", "tokenpacker-36", "avg_pool-36", "--seeds", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "results" / "shapes_experiment.json").read_text())
     assert [row["variant"] for row in record["summary"]] == ["tokenpacker-36", "avg_pool-36"]
     for row in record["summary"]:
         assert row["visual_tokens"] == 36 and 0 <= row["all_mean"] <= 1 and row["ttft_ms"] > 0
-    assert len(record["runs"]) == 2 and "| tokenpacker | 36 |" in result.stdout
+    assert len(record["runs"]) == 2 and "| tokenpacker | 36 |" in result.stdout and record["runs_missing"] == 0
+    runs = sorted(path.name for path in (tmp_path / "results" / "shapes_runs").iterdir())
+    assert runs == ["avg_pool-36-seed0.json", "tokenpacker-36-seed0.json"]
+    # A later sitting trains nothing already recorded, and summarises the finished part of a larger plan.
+    again = experiment("--variants", "tokenpacker-36", "avg_pool-36", "resampler-36", "--seeds", "0", "1",
+                       "--finished-only")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 of the 6 runs asked for are not finished yet" in again.stdout
+    assert not (tmp_path / "work" / "runs" / "resampler-36-seed0").exists()
+    assert json.loads((tmp_path / "results" / "shapes_experiment.json").read_text())["runs"] == record["runs"]
+    other_recipe = experiment("--variants", "tokenpacker-36", "--seeds", "0", "--learning-rate", "3e-4",
+                              "--finished-only")
+    assert other_recipe.returncode != 0 and "no finished run of this recipe" in other_recipe.stderr
 
 
 SHIPPED = REPO / "modeling_tokenpacker" / "demo_model"
-# The embedded model answers at least this share of a fixed quiz (its measured test accuracy, 48 %, is in
-# training.json; answering at chance scores about 28 %: 1/6, 1/3, the commonest count's 35 %, 1/2, 1/10 averaged),
-# and reads the digit (90 % on the test split).
-SHIPPED_MODEL_MIN_ACCURACY = 0.4
-SHIPPED_MODEL_MIN_DIGIT_ACCURACY = 0.75
+# The embedded model answers at least this share of a fixed quiz (seed 0, 40 questions: measured 24/40; its test
+# accuracy, 56 %, is in training.json; answering at chance scores about 30 %: 1/6, 1/3, the commonest count's 40 %,
+# 1/2, 1/10 averaged), and reads the digit (measured 6/8 here, 90 % on the test split).
+SHIPPED_MODEL_MIN_ACCURACY = 0.5
+SHIPPED_MODEL_MIN_DIGIT_ACCURACY = 0.6
 
 
 def test_the_shipped_checkpoint_is_small_safe_and_carries_no_code():
