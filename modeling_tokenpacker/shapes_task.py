@@ -8,11 +8,11 @@ digit in the centre, with one-word answers. Deterministic: a scene is a function
 Questions (`QUESTION_KINDS`): the colour of the smallest or the largest shape, the shape of a colour, how many
 shapes of a kind, which of two colours is the larger shape, the digit in the centre. They name what they ask about
 by size, colour or kind, never by position, which the tiny models trained from scratch learn faster (README: "The
-shapes task and the demo's model"). Shapes are 24-72 px on a 336 px image (2 to 5 patches of
-14 px across; 1 to 3 of TokenPacker-36's 56-px regions), and the digit is 48-96 px high, 7-segment, with strokes of
-6-13 px. (With smaller ones, 12-40 px shapes and 16-24 px digits, every tiny model we trained from scratch, for up
-to 2,400 steps, stayed near chance.) Splits draw seeds from disjoint ranges (`SPLIT_SEEDS`), so no test scene is ever
-trained on. Not shipped inside checkpoints.
+shapes task and the demo's model"). Shapes are 24-72 px on a 336 px image (2 to 5 patches of 14 px across; 1 to 3 of
+TokenPacker-36's 56-px regions), and the digit is 48-96 px high, 7-segment, with strokes of 6-13 px. (With smaller
+ones, 12-40 px shapes and 16-24 px digits, every tiny model we trained from scratch before the token-embedding fix
+in `shapes_model.init_from_scratch`, for up to 2,400 steps, stayed near chance.) Splits draw seeds from disjoint
+ranges (`SPLIT_SEEDS`), so no test scene is ever trained on. Not shipped inside checkpoints.
 """
 
 import dataclasses
