@@ -27,7 +27,6 @@ BACKGROUND = (236, 236, 236)
 COLOURS = {"red": (215, 35, 35), "green": (35, 160, 55), "blue": (35, 75, 215), "yellow": (235, 195, 20),
            "purple": (140, 50, 180), "orange": (245, 125, 20)}
 SHAPES = ("circle", "square", "triangle")
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_KINDS = ("colour", "shape", "count", "larger", "digit")
 SHAPE_SIZES = (24, 72)
 DIGIT_HEIGHTS = (48, 96)
@@ -55,7 +54,8 @@ class Shape:
 
 @dataclasses.dataclass
 class Scene:
-    """Four shapes (quadrant order: `QUADRANTS`), distinct colours, and a digit of `digit_height` px at the centre."""
+    """Four shapes (one per quadrant: top left, top right, bottom left, bottom right), distinct colours, and a digit
+    of `digit_height` px at the centre."""
 
     seed: int
     shapes: list
