@@ -39,8 +39,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def recipe(args):
-    return {"task_version": shapes_task.TASK_VERSION, "train_scenes": args.train_scenes, "test_scenes": args.test_scenes, "steps": args.steps,
-            "batch_size": args.batch_size, "learning_rate": args.learning_rate}
+    return {"task_version": shapes_task.TASK_VERSION, "train_scenes": args.train_scenes,
+            "test_scenes": args.test_scenes, "steps": args.steps, "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate}
 
 
 def write_split(workdir, split, scenes):
