@@ -111,7 +111,8 @@ def measure_ttft(variant, folder, threads=1):
 
 
 def summarise(results, ttft):
-    """One row per variant: accuracy mean and spread over seeds (overall and per kind), tokens, TTFT."""
+    """One row per variant: accuracy mean and spread over seeds (overall and per kind), overall and digit accuracy
+    per seed (in `results`' order), tokens, TTFT."""
     rows = []
     for variant in shapes_model.VARIANTS:
         runs = [r for r in results if r["variant"] == variant]
@@ -123,6 +124,8 @@ def summarise(results, ttft):
             values = [r["accuracy"][kind] for r in runs]
             row[f"{kind}_mean"] = statistics.fmean(values)
             row[f"{kind}_std"] = statistics.pstdev(values)
+        row["all_per_seed"] = [r["accuracy"]["all"] for r in runs]
+        row["digit_per_seed"] = [r["accuracy"]["digit"] for r in runs]
         row["ttft_ms"] = ttft.get(variant, float("nan")) * 1000
         row["train_wall_s"] = statistics.fmean(r["train_wall_s"] for r in runs)
         rows.append(row)
@@ -130,13 +133,18 @@ def summarise(results, ttft):
 
 
 def print_table(rows):
-    print("| projector | visual tokens | accuracy (mean ± std, seeds) | colour | shape | count | larger | digit "
-          "| TTFT | train wall |")
+    """A markdown table: accuracy mean ± std (per seed), the mean per kind, the digit per seed, TTFT, train wall."""
+    def per_seed(values):
+        return " ".join(f"{value:.3f}" for value in values)
+
+    print("| projector | visual tokens | accuracy (mean ± std; per seed) | colour | shape | count | larger "
+          "| digit (per seed) | TTFT | train wall |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        kinds = " | ".join(f"{row[f'{k}_mean']:.3f}" for k in shapes_task.QUESTION_KINDS)
-        print(f"| {row['projector']} | {row['visual_tokens']} | {row['all_mean']:.3f} ± {row['all_std']:.3f} "
-              f"({row['seeds']}) | {kinds} | {row['ttft_ms']:.1f} ms | {row['train_wall_s']:.0f} s |")
+        kinds = " | ".join(f"{row[f'{k}_mean']:.3f}" for k in shapes_task.QUESTION_KINDS if k != "digit")
+        print(f"| {row['projector']} | {row['visual_tokens']} | {row['all_mean']:.3f} ± {row['all_std']:.3f}; "
+              f"{per_seed(row['all_per_seed'])} | {kinds} | {row['digit_mean']:.3f}; {per_seed(row['digit_per_seed'])} "
+              f"| {row['ttft_ms']:.1f} ms | {row['train_wall_s']:.0f} s |")
 
 
 def plot(rows, path):

@@ -167,6 +167,9 @@ def test_the_experiment_runs_end_to_end_at_toy_size_and_keeps_each_finished_run(
     assert [row["variant"] for row in record["summary"]] == ["tokenpacker-36", "avg_pool-36"]
     for row in record["summary"]:
         assert row["visual_tokens"] == 36 and 0 <= row["all_mean"] <= 1 and row["ttft_ms"] > 0
+        mine = [run for run in record["runs"] if run["variant"] == row["variant"]]
+        assert row["all_per_seed"] == [run["accuracy"]["all"] for run in mine]
+        assert row["digit_per_seed"] == [run["accuracy"]["digit"] for run in mine]
     assert len(record["runs"]) == 2 and "| tokenpacker | 36 |" in result.stdout and record["runs_missing"] == 0
     runs = sorted(path.name for path in (tmp_path / "results" / "shapes_runs").iterdir())
     assert runs == ["avg_pool-36-seed0.json", "tokenpacker-36-seed0.json"]
