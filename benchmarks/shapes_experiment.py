@@ -165,6 +165,7 @@ def plot(rows, path):
     axes[0].set(xscale="log", xlabel="visual tokens per image", ylabel="test accuracy",
                 title="shapes task: accuracy vs visual tokens")
     axes[0].set_xticks([36, 64, 144, 576], ["36", "64", "144", "576"])
+    axes[0].minorticks_off()
     axes[1].set(xlabel="TTFT (ms, batch 1)", ylabel="test accuracy", title="accuracy vs time to first token")
     for axis in axes:
         axis.grid(alpha=0.3)
