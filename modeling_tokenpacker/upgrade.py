@@ -5,7 +5,8 @@
 
 A checkpoint carries the model's Python files, so a folder converted or pushed with an older release keeps the
 older code; when a transformers release breaks that code (5.24: `__init__() got an unexpected keyword argument
-'cache'`), or to take up fixes, this replaces the shipped modules and the `auto_map` entries with this release's.
+'cache'`; 5.25 runs it again but warns that `past_key_values` is deprecated), or to take up fixes, this replaces the
+shipped modules and the `auto_map` entries with this release's.
 Every other file (the weights above all) is left as it is: the new folder is staged beside the old one with hard
 links to the same files, checked, then swapped in atomically, and the checksums of the untouched files are compared
 before and after. The check loads the staged folder in a fresh process with `trust_remote_code=True` while this
