@@ -1,6 +1,7 @@
 """Small models for the shapes task (`shapes_task.py`) trained from scratch, and their evaluation.
 
-Every variant shares one vision tower, language model and tokenizer shape; only the projector differs:
+Every variant shares one vision tower (2 layers in the experiment, `vision_layers` to change), language model and
+tokenizer shape; only the projector differs:
 
     mlp2x_gelu-576            LLaVA-1.5's MLP, every patch (576 tokens)
     tokenpacker-144/64/36     TokenPacker at scale 2/3/4
@@ -26,12 +27,14 @@ for _scale, _tokens in ((2, 144), (3, 64), (4, 36)):
         VARIANTS[f"{_projector}-{_tokens}"] = (_projector, _scale)
 
 VISION_CONFIG = {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
-                 "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 336, "patch_size": 14,
-                 "projection_dim": 64}
+                 "num_attention_heads": 4, "image_size": 336, "patch_size": 14, "projection_dim": 64}
+# The experiment's tower depth; the demo's model has one layer (README: "The shapes task and the demo's model").
+VISION_LAYERS = 2
 TEXT_CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024}
-# The point queries and the mlp2x_gelu / avg_pool / resampler input: the last layer; TokenPacker's regions: both.
-VISION_FEATURE_LAYER, REGION_FEATURE_LAYERS = -1, [1, 2]
+# The point queries and the mlp2x_gelu / avg_pool / resampler input: the last layer; TokenPacker's regions: the last
+# two hidden states (`region_feature_layers`).
+VISION_FEATURE_LAYER = -1
 
 
 def build_tokenizer():
@@ -41,17 +44,26 @@ def build_tokenizer():
     return build_tiny_tokenizer(TINY_CORPUS + " " + corpus())
 
 
-def build_model(tokenizer, variant, seed=0):
-    """A random-weights model of `variant` (see `VARIANTS`), initialised for training from scratch
-    (`init_from_scratch`)."""
+def region_feature_layers(vision_layers):
+    """TokenPacker's multi-level keys/values for a tower of `vision_layers` layers: its last two hidden states
+    (`[1, 2]` for 2 layers; `[0, 1]`, the patch embeddings and the layer, for 1)."""
+    return [vision_layers - 1, vision_layers]
+
+
+def build_model(tokenizer, variant, seed=0, vision_layers=VISION_LAYERS):
+    """A random-weights model of `variant` (see `VARIANTS`) with a tower of `vision_layers` layers, initialised for
+    training from scratch (`init_from_scratch`)."""
     from .demo import build_tiny_model
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}; got {variant!r}.")
+    if not isinstance(vision_layers, int) or vision_layers < 1:
+        raise ValueError(f"vision_layers must be a positive integer; got {vision_layers!r}.")
     projector_type, scale_factor = VARIANTS[variant]
     model = build_tiny_model(tokenizer, projector_type, scale_factor, text_config=TEXT_CONFIG, seed=seed,
-                             vision_config=VISION_CONFIG, vision_feature_layer=VISION_FEATURE_LAYER,
-                             region_feature_layers=REGION_FEATURE_LAYERS, projector_num_heads=4)
+                             vision_config={**VISION_CONFIG, "num_hidden_layers": vision_layers},
+                             vision_feature_layer=VISION_FEATURE_LAYER,
+                             region_feature_layers=region_feature_layers(vision_layers), projector_num_heads=4)
     init_from_scratch(model, seed)
     return model
 
@@ -98,12 +110,13 @@ def sincos_position_embeddings(grid, dim):
     return torch.cat(parts, 1).float()
 
 
-def build_checkpoint(folder, variant, seed=0):
-    """Save a random-weights checkpoint of `variant` with its processor to `folder`; returns the model."""
+def build_checkpoint(folder, variant, seed=0, vision_layers=VISION_LAYERS):
+    """Save a random-weights checkpoint of `variant` (tower of `vision_layers` layers) with its processor to `folder`;
+    returns the model."""
     from .demo import build_tiny_processor
 
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, variant, seed)
+    model = build_model(tokenizer, variant, seed, vision_layers)
     model.save_pretrained(folder)
     build_tiny_processor(tokenizer, model.config.image_seq_length).save_pretrained(folder)
     return model
